@@ -1,0 +1,1 @@
+"""Kopf operator that reconciles RLJobs into trainer, rollout and sandbox pods."""

@@ -1,0 +1,1 @@
+"""Trajectory-recording OpenAI-compatible proxy and Rollout Manager."""

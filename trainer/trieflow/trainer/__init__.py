@@ -1,0 +1,1 @@
+"""Trie-packed RL trainer."""
