@@ -1,0 +1,101 @@
+"""Run a Hugging Face causal LM over a packed batch and read target logprobs.
+
+The decoder runs once over the packed tokens with tree attention and depth position ids.
+The LM head then runs only on the sources of the targets (the tokens the loss needs), in
+chunks that are recomputed in backward, so ``[T, vocab]`` logits never exist at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trieflow.trainer.attention import TreeMask
+from trieflow.trainer.packing import PackedBatch
+
+DEFAULT_LM_HEAD_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class TargetLogprobs:
+    """Per-target logprobs (with grad) and, if asked for, entropies (without grad)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def packed_hidden_states(model: Any, batch: PackedBatch, tree_mask: TreeMask) -> torch.Tensor:
+    """Final hidden states ``[N, hidden]`` of the decoder over the packed tokens."""
+    rows = batch.rows
+    output = model.base_model(
+        input_ids=batch.input_ids.view(rows, -1),
+        position_ids=batch.position_ids.view(rows, -1),
+        tree_mask=tree_mask,
+        use_cache=False,
+    )
+    hidden: torch.Tensor = output.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (hidden @ weight.T).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, logprobs.new_zeros(())
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = lse - (probs * logits).sum(-1)
+    return logprobs, entropy
+
+
+def lm_head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = DEFAULT_LM_HEAD_CHUNK,
+    with_entropy: bool = False,
+) -> TargetLogprobs:
+    """``log softmax(hidden @ weight.T)[label]`` row by row, in recomputed chunks."""
+    logprobs, entropies = [], []
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for start in range(0, labels.numel(), chunk_size):
+        rows = slice(start, start + chunk_size)
+        if recompute:
+            lp, ent = checkpoint(
+                _chunk_logprobs,
+                hidden[rows],
+                weight,
+                labels[rows],
+                with_entropy,
+                use_reentrant=False,
+            )
+        else:
+            lp, ent = _chunk_logprobs(hidden[rows], weight, labels[rows], with_entropy)
+        logprobs.append(lp)
+        entropies.append(ent)
+    if not logprobs:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return TargetLogprobs(empty, empty if with_entropy else None)
+    entropy = torch.cat(entropies).detach() if with_entropy else None
+    return TargetLogprobs(torch.cat(logprobs), entropy)
+
+
+def target_logprobs(
+    model: Any,
+    batch: PackedBatch,
+    tree_mask: TreeMask,
+    chunk_size: int = DEFAULT_LM_HEAD_CHUNK,
+    with_entropy: bool = False,
+) -> TargetLogprobs:
+    """Logprob of every target of ``batch`` given its ancestors (one decoder pass)."""
+    hidden = packed_hidden_states(model, batch, tree_mask)
+    weight = model.get_output_embeddings().weight
+    return lm_head_logprobs(
+        hidden[batch.target_source], weight, batch.target_label, chunk_size, with_entropy
+    )
