@@ -1,0 +1,117 @@
+"""Configuration of one proxy process, and its command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trieflow.proxy.rollout_manager import AdmissionPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    upstreams: tuple[str, ...]
+    wal_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080  # agents' OpenAI endpoint; 0 picks a free port
+    admin_port: int = 9090  # /metrics and /healthz; keep off the agents' network
+    grpc_port: int = 50051  # TrajectoryService, RolloutControl, EpisodeService
+    upstream_api_key: str = ""
+    max_body_bytes: int = 32 << 20
+    upstream_timeout: float = 600.0
+    connect_timeout: float = 5.0
+    hold_timeout: float = 900.0
+    step_timeout: float = 300.0
+    health_interval: float = 2.0
+    weight_version: int = 0
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
+    auto_episodes: bool = False  # an unknown X-Trieflow-Session starts an episode
+    allow_unrecorded: bool = False  # requests without a session pass through unrecorded
+    episode_idle_timeout: float = 3600.0
+    max_ready_trajectories: int = 1024
+    wal_max_bytes: int = 8 << 30
+    wal_segment_bytes: int = 64 << 20
+    wal_fsync: bool = False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
+    p = argparse.ArgumentParser(
+        prog="trieflow proxy",
+        description="Trajectory-recording OpenAI-compatible proxy in front of vLLM replicas.",
+    )
+    d = ProxyConfig(upstreams=(), wal_dir=Path())
+    p.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="vLLM replica base URL (repeat for several)",
+    )
+    p.add_argument("--wal-dir", type=Path, required=True, help="write-ahead log directory")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--admin-port", type=int, default=d.admin_port)
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    p.add_argument("--upstream-api-key", default=d.upstream_api_key)
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout)
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
+    p.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=d.hold_timeout,
+        help="longest an agent request waits for a weight update, seconds",
+    )
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=d.step_timeout,
+        help="deadline of each weight-update step on each replica, seconds",
+    )
+    p.add_argument("--health-interval", type=float, default=d.health_interval)
+    p.add_argument("--weight-version", type=int, default=d.weight_version)
+    p.add_argument("--max-in-flight-episodes", type=int, default=0)
+    p.add_argument("--max-staleness", type=int, default=-1)
+    p.add_argument("--episodes-per-version", type=int, default=0)
+    p.add_argument("--auto-episodes", action="store_true")
+    p.add_argument("--allow-unrecorded", action="store_true")
+    p.add_argument("--episode-idle-timeout", type=float, default=d.episode_idle_timeout)
+    p.add_argument("--max-ready-trajectories", type=int, default=d.max_ready_trajectories)
+    p.add_argument("--wal-max-bytes", type=int, default=d.wal_max_bytes)
+    p.add_argument("--wal-segment-bytes", type=int, default=d.wal_segment_bytes)
+    p.add_argument(
+        "--wal-fsync",
+        action="store_true",
+        help="fsync before answering (survive power loss, not only kill -9)",
+    )
+    a = p.parse_args(argv)
+    return ProxyConfig(
+        upstreams=tuple(a.upstream),
+        wal_dir=a.wal_dir,
+        host=a.host,
+        port=a.port,
+        admin_port=a.admin_port,
+        grpc_port=a.grpc_port,
+        upstream_api_key=a.upstream_api_key,
+        max_body_bytes=a.max_body_bytes,
+        upstream_timeout=a.upstream_timeout,
+        connect_timeout=a.connect_timeout,
+        hold_timeout=a.hold_timeout,
+        step_timeout=a.step_timeout,
+        health_interval=a.health_interval,
+        weight_version=a.weight_version,
+        admission=AdmissionPolicy(
+            max_in_flight_episodes=a.max_in_flight_episodes,
+            max_staleness=a.max_staleness,
+            episodes_per_version=a.episodes_per_version,
+        ),
+        auto_episodes=a.auto_episodes,
+        allow_unrecorded=a.allow_unrecorded,
+        episode_idle_timeout=a.episode_idle_timeout,
+        max_ready_trajectories=a.max_ready_trajectories,
+        wal_max_bytes=a.wal_max_bytes,
+        wal_segment_bytes=a.wal_segment_bytes,
+        wal_fsync=a.wal_fsync,
+    )
