@@ -13,9 +13,7 @@ class VersionSpan(_message.Message):
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     start: int
     weight_version: int
-    def __init__(
-        self, start: _Optional[int] = ..., weight_version: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, start: _Optional[int] = ..., weight_version: _Optional[int] = ...) -> None: ...
 
 class RecordedChoice(_message.Message):
     __slots__ = ("index", "token_ids", "logprobs", "finish_reason", "versions", "prompt_token_ids")
@@ -31,33 +29,10 @@ class RecordedChoice(_message.Message):
     finish_reason: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionSpan]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        index: _Optional[int] = ...,
-        token_ids: _Optional[_Iterable[int]] = ...,
-        logprobs: _Optional[_Iterable[float]] = ...,
-        finish_reason: _Optional[str] = ...,
-        versions: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ...,
-        prompt_token_ids: _Optional[_Iterable[int]] = ...,
-    ) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CallRecord(_message.Message):
-    __slots__ = (
-        "call_id",
-        "episode_id",
-        "session_id",
-        "route",
-        "replica",
-        "model",
-        "prompt_token_ids",
-        "choices",
-        "stream",
-        "temperature",
-        "timings",
-        "sequence_number",
-        "weight_version_at_start",
-        "weight_version_at_end",
-    )
+    __slots__ = ("call_id", "episode_id", "session_id", "route", "replica", "model", "prompt_token_ids", "choices", "stream", "temperature", "timings", "sequence_number", "weight_version_at_start", "weight_version_at_end")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -86,34 +61,10 @@ class CallRecord(_message.Message):
     sequence_number: int
     weight_version_at_start: int
     weight_version_at_end: int
-    def __init__(
-        self,
-        call_id: _Optional[str] = ...,
-        episode_id: _Optional[str] = ...,
-        session_id: _Optional[str] = ...,
-        route: _Optional[str] = ...,
-        replica: _Optional[str] = ...,
-        model: _Optional[str] = ...,
-        prompt_token_ids: _Optional[_Iterable[int]] = ...,
-        choices: _Optional[_Iterable[_Union[RecordedChoice, _Mapping]]] = ...,
-        stream: _Optional[bool] = ...,
-        temperature: _Optional[float] = ...,
-        timings: _Optional[_Union[_trajectory_pb2.CallTimings, _Mapping]] = ...,
-        sequence_number: _Optional[int] = ...,
-        weight_version_at_start: _Optional[int] = ...,
-        weight_version_at_end: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, call_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., session_id: _Optional[str] = ..., route: _Optional[str] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., choices: _Optional[_Iterable[_Union[RecordedChoice, _Mapping]]] = ..., stream: _Optional[bool] = ..., temperature: _Optional[float] = ..., timings: _Optional[_Union[_trajectory_pb2.CallTimings, _Mapping]] = ..., sequence_number: _Optional[int] = ..., weight_version_at_start: _Optional[int] = ..., weight_version_at_end: _Optional[int] = ...) -> None: ...
 
 class EpisodeStarted(_message.Message):
-    __slots__ = (
-        "episode_id",
-        "session_id",
-        "task_id",
-        "api_key",
-        "metadata",
-        "start_version",
-        "started_ns",
-    )
+    __slots__ = ("episode_id", "session_id", "task_id", "api_key", "metadata", "start_version", "started_ns")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,7 +72,6 @@ class EpisodeStarted(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -136,16 +86,7 @@ class EpisodeStarted(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     start_version: int
     started_ns: int
-    def __init__(
-        self,
-        episode_id: _Optional[str] = ...,
-        session_id: _Optional[str] = ...,
-        task_id: _Optional[str] = ...,
-        api_key: _Optional[str] = ...,
-        metadata: _Optional[_Mapping[str, str]] = ...,
-        start_version: _Optional[int] = ...,
-        started_ns: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, episode_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., api_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., start_version: _Optional[int] = ..., started_ns: _Optional[int] = ...) -> None: ...
 
 class EpisodeFinished(_message.Message):
     __slots__ = ("episode_id", "rewards", "metadata", "outcome", "policy_version", "finished_ns")
@@ -156,7 +97,6 @@ class EpisodeFinished(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,7 +104,6 @@ class EpisodeFinished(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
@@ -177,15 +116,7 @@ class EpisodeFinished(_message.Message):
     outcome: _trajectory_pb2.EpisodeOutcome
     policy_version: int
     finished_ns: int
-    def __init__(
-        self,
-        episode_id: _Optional[str] = ...,
-        rewards: _Optional[_Mapping[str, float]] = ...,
-        metadata: _Optional[_Mapping[str, str]] = ...,
-        outcome: _Optional[_Union[_trajectory_pb2.EpisodeOutcome, str]] = ...,
-        policy_version: _Optional[int] = ...,
-        finished_ns: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, episode_id: _Optional[str] = ..., rewards: _Optional[_Mapping[str, float]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[_trajectory_pb2.EpisodeOutcome, str]] = ..., policy_version: _Optional[int] = ..., finished_ns: _Optional[int] = ...) -> None: ...
 
 class EpisodeAcked(_message.Message):
     __slots__ = ("episode_id",)
@@ -203,10 +134,4 @@ class WalRecord(_message.Message):
     call: CallRecord
     finished: EpisodeFinished
     acked: EpisodeAcked
-    def __init__(
-        self,
-        started: _Optional[_Union[EpisodeStarted, _Mapping]] = ...,
-        call: _Optional[_Union[CallRecord, _Mapping]] = ...,
-        finished: _Optional[_Union[EpisodeFinished, _Mapping]] = ...,
-        acked: _Optional[_Union[EpisodeAcked, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, started: _Optional[_Union[EpisodeStarted, _Mapping]] = ..., call: _Optional[_Union[CallRecord, _Mapping]] = ..., finished: _Optional[_Union[EpisodeFinished, _Mapping]] = ..., acked: _Optional[_Union[EpisodeAcked, _Mapping]] = ...) -> None: ...

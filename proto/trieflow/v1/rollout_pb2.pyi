@@ -20,7 +20,6 @@ class WeightSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WEIGHT_SOURCE_UNSPECIFIED: _ClassVar[WeightSource]
     WEIGHT_SOURCE_RELOAD_FROM_DISK: _ClassVar[WeightSource]
     WEIGHT_SOURCE_EXTERNAL: _ClassVar[WeightSource]
-
 PAUSE_MODE_UNSPECIFIED: PauseMode
 PAUSE_MODE_KEEP: PauseMode
 PAUSE_MODE_WAIT: PauseMode
@@ -39,31 +38,10 @@ class ReplicaStatus(_message.Message):
     healthy: bool
     in_flight_requests: int
     last_error: str
-    def __init__(
-        self,
-        url: _Optional[str] = ...,
-        healthy: _Optional[bool] = ...,
-        in_flight_requests: _Optional[int] = ...,
-        last_error: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, url: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight_requests: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = (
-        "weight_version",
-        "paused",
-        "in_flight_requests",
-        "held_requests",
-        "in_flight_episodes",
-        "max_staleness",
-        "current_staleness",
-        "stale_episodes_total",
-        "rejected_stale_total",
-        "rejected_busy_total",
-        "paused_seconds_total",
-        "replicas",
-        "ready_trajectories",
-        "wal_bytes",
-    )
+    __slots__ = ("weight_version", "paused", "in_flight_requests", "held_requests", "in_flight_episodes", "max_staleness", "current_staleness", "stale_episodes_total", "rejected_stale_total", "rejected_busy_total", "paused_seconds_total", "replicas", "ready_trajectories", "wal_bytes")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -92,23 +70,7 @@ class RolloutStatus(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     ready_trajectories: int
     wal_bytes: int
-    def __init__(
-        self,
-        weight_version: _Optional[int] = ...,
-        paused: _Optional[bool] = ...,
-        in_flight_requests: _Optional[int] = ...,
-        held_requests: _Optional[int] = ...,
-        in_flight_episodes: _Optional[int] = ...,
-        max_staleness: _Optional[int] = ...,
-        current_staleness: _Optional[int] = ...,
-        stale_episodes_total: _Optional[int] = ...,
-        rejected_stale_total: _Optional[int] = ...,
-        rejected_busy_total: _Optional[int] = ...,
-        paused_seconds_total: _Optional[float] = ...,
-        replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...,
-        ready_trajectories: _Optional[int] = ...,
-        wal_bytes: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, weight_version: _Optional[int] = ..., paused: _Optional[bool] = ..., in_flight_requests: _Optional[int] = ..., held_requests: _Optional[int] = ..., in_flight_episodes: _Optional[int] = ..., max_staleness: _Optional[int] = ..., current_staleness: _Optional[int] = ..., stale_episodes_total: _Optional[int] = ..., rejected_stale_total: _Optional[int] = ..., rejected_busy_total: _Optional[int] = ..., paused_seconds_total: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., ready_trajectories: _Optional[int] = ..., wal_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -120,9 +82,7 @@ class PauseRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     mode: PauseMode
     timeout_seconds: float
-    def __init__(
-        self, mode: _Optional[_Union[PauseMode, str]] = ..., timeout_seconds: _Optional[float] = ...
-    ) -> None: ...
+    def __init__(self, mode: _Optional[_Union[PauseMode, str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
     __slots__ = ("timeout_seconds",)
@@ -136,9 +96,7 @@ class SetWeightVersionRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
     timeout_seconds: float
-    def __init__(
-        self, weight_version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...
-    ) -> None: ...
+    def __init__(self, weight_version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
     __slots__ = ("new_version", "source", "step_timeout_seconds", "weights_path")
@@ -150,13 +108,7 @@ class UpdateWeightsRequest(_message.Message):
     source: WeightSource
     step_timeout_seconds: float
     weights_path: str
-    def __init__(
-        self,
-        new_version: _Optional[int] = ...,
-        source: _Optional[_Union[WeightSource, str]] = ...,
-        step_timeout_seconds: _Optional[float] = ...,
-        weights_path: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, new_version: _Optional[int] = ..., source: _Optional[_Union[WeightSource, str]] = ..., step_timeout_seconds: _Optional[float] = ..., weights_path: _Optional[str] = ...) -> None: ...
 
 class UpdateStepResult(_message.Message):
     __slots__ = ("step", "replica", "ok", "error", "seconds")
@@ -170,14 +122,7 @@ class UpdateStepResult(_message.Message):
     ok: bool
     error: str
     seconds: float
-    def __init__(
-        self,
-        step: _Optional[str] = ...,
-        replica: _Optional[str] = ...,
-        ok: _Optional[bool] = ...,
-        error: _Optional[str] = ...,
-        seconds: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, step: _Optional[str] = ..., replica: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("ok", "steps", "status")
@@ -187,12 +132,7 @@ class UpdateWeightsResponse(_message.Message):
     ok: bool
     steps: _containers.RepeatedCompositeFieldContainer[UpdateStepResult]
     status: RolloutStatus
-    def __init__(
-        self,
-        ok: _Optional[bool] = ...,
-        steps: _Optional[_Iterable[_Union[UpdateStepResult, _Mapping]]] = ...,
-        status: _Optional[_Union[RolloutStatus, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, ok: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[UpdateStepResult, _Mapping]]] = ..., status: _Optional[_Union[RolloutStatus, _Mapping]] = ...) -> None: ...
 
 class StartEpisodeRequest(_message.Message):
     __slots__ = ("episode_id", "task_id", "session_id", "metadata")
@@ -203,7 +143,6 @@ class StartEpisodeRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -212,24 +151,10 @@ class StartEpisodeRequest(_message.Message):
     task_id: str
     session_id: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(
-        self,
-        episode_id: _Optional[str] = ...,
-        task_id: _Optional[str] = ...,
-        session_id: _Optional[str] = ...,
-        metadata: _Optional[_Mapping[str, str]] = ...,
-    ) -> None: ...
+    def __init__(self, episode_id: _Optional[str] = ..., task_id: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartEpisodeResponse(_message.Message):
-    __slots__ = (
-        "admitted",
-        "episode_id",
-        "session_id",
-        "api_key",
-        "weight_version",
-        "reason",
-        "retry_after_seconds",
-    )
+    __slots__ = ("admitted", "episode_id", "session_id", "api_key", "weight_version", "reason", "retry_after_seconds")
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -244,16 +169,7 @@ class StartEpisodeResponse(_message.Message):
     weight_version: int
     reason: str
     retry_after_seconds: float
-    def __init__(
-        self,
-        admitted: _Optional[bool] = ...,
-        episode_id: _Optional[str] = ...,
-        session_id: _Optional[str] = ...,
-        api_key: _Optional[str] = ...,
-        weight_version: _Optional[int] = ...,
-        reason: _Optional[str] = ...,
-        retry_after_seconds: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, admitted: _Optional[bool] = ..., episode_id: _Optional[str] = ..., session_id: _Optional[str] = ..., api_key: _Optional[str] = ..., weight_version: _Optional[int] = ..., reason: _Optional[str] = ..., retry_after_seconds: _Optional[float] = ...) -> None: ...
 
 class FinishEpisodeRequest(_message.Message):
     __slots__ = ("episode_id", "rewards", "metadata", "outcome")
@@ -264,7 +180,6 @@ class FinishEpisodeRequest(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,7 +187,6 @@ class FinishEpisodeRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
@@ -281,13 +195,7 @@ class FinishEpisodeRequest(_message.Message):
     rewards: _containers.ScalarMap[str, float]
     metadata: _containers.ScalarMap[str, str]
     outcome: _trajectory_pb2.EpisodeOutcome
-    def __init__(
-        self,
-        episode_id: _Optional[str] = ...,
-        rewards: _Optional[_Mapping[str, float]] = ...,
-        metadata: _Optional[_Mapping[str, str]] = ...,
-        outcome: _Optional[_Union[_trajectory_pb2.EpisodeOutcome, str]] = ...,
-    ) -> None: ...
+    def __init__(self, episode_id: _Optional[str] = ..., rewards: _Optional[_Mapping[str, float]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[_trajectory_pb2.EpisodeOutcome, str]] = ...) -> None: ...
 
 class FinishEpisodeResponse(_message.Message):
     __slots__ = ("trajectory_id", "sequences", "unique_tokens", "flat_tokens")
@@ -299,10 +207,4 @@ class FinishEpisodeResponse(_message.Message):
     sequences: int
     unique_tokens: int
     flat_tokens: int
-    def __init__(
-        self,
-        trajectory_id: _Optional[str] = ...,
-        sequences: _Optional[int] = ...,
-        unique_tokens: _Optional[int] = ...,
-        flat_tokens: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, trajectory_id: _Optional[str] = ..., sequences: _Optional[int] = ..., unique_tokens: _Optional[int] = ..., flat_tokens: _Optional[int] = ...) -> None: ...

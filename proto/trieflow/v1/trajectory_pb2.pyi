@@ -20,7 +20,6 @@ class EpisodeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EPISODE_OUTCOME_TRUNCATED: _ClassVar[EpisodeOutcome]
     EPISODE_OUTCOME_FAILED: _ClassVar[EpisodeOutcome]
     EPISODE_OUTCOME_ABANDONED: _ClassVar[EpisodeOutcome]
-
 TOKEN_SOURCE_UNSPECIFIED: TokenSource
 TOKEN_SOURCE_PROMPT: TokenSource
 TOKEN_SOURCE_SAMPLED: TokenSource
@@ -31,15 +30,7 @@ EPISODE_OUTCOME_FAILED: EpisodeOutcome
 EPISODE_OUTCOME_ABANDONED: EpisodeOutcome
 
 class Segment(_message.Message):
-    __slots__ = (
-        "token_ids",
-        "logprobs",
-        "source",
-        "weight_version",
-        "on_policy",
-        "staleness",
-        "call_index",
-    )
+    __slots__ = ("token_ids", "logprobs", "source", "weight_version", "on_policy", "staleness", "call_index")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -54,16 +45,7 @@ class Segment(_message.Message):
     on_policy: bool
     staleness: int
     call_index: int
-    def __init__(
-        self,
-        token_ids: _Optional[_Iterable[int]] = ...,
-        logprobs: _Optional[_Iterable[float]] = ...,
-        source: _Optional[_Union[TokenSource, str]] = ...,
-        weight_version: _Optional[int] = ...,
-        on_policy: _Optional[bool] = ...,
-        staleness: _Optional[int] = ...,
-        call_index: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., source: _Optional[_Union[TokenSource, str]] = ..., weight_version: _Optional[int] = ..., on_policy: _Optional[bool] = ..., staleness: _Optional[int] = ..., call_index: _Optional[int] = ...) -> None: ...
 
 class TreeNode(_message.Message):
     __slots__ = ("parent", "depth", "segments")
@@ -73,22 +55,10 @@ class TreeNode(_message.Message):
     parent: int
     depth: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(
-        self,
-        parent: _Optional[int] = ...,
-        depth: _Optional[int] = ...,
-        segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, parent: _Optional[int] = ..., depth: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class CallTimings(_message.Message):
-    __slots__ = (
-        "received_ns",
-        "upstream_sent_ns",
-        "upstream_first_byte_ns",
-        "upstream_done_ns",
-        "responded_ns",
-        "held_ns",
-    )
+    __slots__ = ("received_ns", "upstream_sent_ns", "upstream_first_byte_ns", "upstream_done_ns", "responded_ns", "held_ns")
     RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_SENT_NS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIRST_BYTE_NS_FIELD_NUMBER: _ClassVar[int]
@@ -101,33 +71,10 @@ class CallTimings(_message.Message):
     upstream_done_ns: int
     responded_ns: int
     held_ns: int
-    def __init__(
-        self,
-        received_ns: _Optional[int] = ...,
-        upstream_sent_ns: _Optional[int] = ...,
-        upstream_first_byte_ns: _Optional[int] = ...,
-        upstream_done_ns: _Optional[int] = ...,
-        responded_ns: _Optional[int] = ...,
-        held_ns: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, received_ns: _Optional[int] = ..., upstream_sent_ns: _Optional[int] = ..., upstream_first_byte_ns: _Optional[int] = ..., upstream_done_ns: _Optional[int] = ..., responded_ns: _Optional[int] = ..., held_ns: _Optional[int] = ...) -> None: ...
 
 class CallSequence(_message.Message):
-    __slots__ = (
-        "call_id",
-        "choice_index",
-        "leaf_node",
-        "leaf_length",
-        "prompt_length",
-        "completion_length",
-        "finish_reason",
-        "weight_version_first",
-        "weight_version_last",
-        "route",
-        "replica",
-        "model",
-        "temperature",
-        "timings",
-    )
+    __slots__ = ("call_id", "choice_index", "leaf_node", "leaf_length", "prompt_length", "completion_length", "finish_reason", "weight_version_first", "weight_version_last", "route", "replica", "model", "temperature", "timings")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     LEAF_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -156,42 +103,10 @@ class CallSequence(_message.Message):
     model: str
     temperature: float
     timings: CallTimings
-    def __init__(
-        self,
-        call_id: _Optional[str] = ...,
-        choice_index: _Optional[int] = ...,
-        leaf_node: _Optional[int] = ...,
-        leaf_length: _Optional[int] = ...,
-        prompt_length: _Optional[int] = ...,
-        completion_length: _Optional[int] = ...,
-        finish_reason: _Optional[str] = ...,
-        weight_version_first: _Optional[int] = ...,
-        weight_version_last: _Optional[int] = ...,
-        route: _Optional[str] = ...,
-        replica: _Optional[str] = ...,
-        model: _Optional[str] = ...,
-        temperature: _Optional[float] = ...,
-        timings: _Optional[_Union[CallTimings, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, call_id: _Optional[str] = ..., choice_index: _Optional[int] = ..., leaf_node: _Optional[int] = ..., leaf_length: _Optional[int] = ..., prompt_length: _Optional[int] = ..., completion_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., weight_version_first: _Optional[int] = ..., weight_version_last: _Optional[int] = ..., route: _Optional[str] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ..., temperature: _Optional[float] = ..., timings: _Optional[_Union[CallTimings, _Mapping]] = ...) -> None: ...
 
 class Trajectory(_message.Message):
-    __slots__ = (
-        "trajectory_id",
-        "episode_id",
-        "session_id",
-        "task_id",
-        "nodes",
-        "calls",
-        "rewards",
-        "metadata",
-        "outcome",
-        "policy_version",
-        "start_version",
-        "flat_tokens",
-        "unique_tokens",
-        "started_ns",
-        "finished_ns",
-    )
+    __slots__ = ("trajectory_id", "episode_id", "session_id", "task_id", "nodes", "calls", "rewards", "metadata", "outcome", "policy_version", "start_version", "flat_tokens", "unique_tokens", "started_ns", "finished_ns")
     class RewardsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,7 +114,6 @@ class Trajectory(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -207,7 +121,6 @@ class Trajectory(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-
     TRAJECTORY_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -238,24 +151,7 @@ class Trajectory(_message.Message):
     unique_tokens: int
     started_ns: int
     finished_ns: int
-    def __init__(
-        self,
-        trajectory_id: _Optional[str] = ...,
-        episode_id: _Optional[str] = ...,
-        session_id: _Optional[str] = ...,
-        task_id: _Optional[str] = ...,
-        nodes: _Optional[_Iterable[_Union[TreeNode, _Mapping]]] = ...,
-        calls: _Optional[_Iterable[_Union[CallSequence, _Mapping]]] = ...,
-        rewards: _Optional[_Mapping[str, float]] = ...,
-        metadata: _Optional[_Mapping[str, str]] = ...,
-        outcome: _Optional[_Union[EpisodeOutcome, str]] = ...,
-        policy_version: _Optional[int] = ...,
-        start_version: _Optional[int] = ...,
-        flat_tokens: _Optional[int] = ...,
-        unique_tokens: _Optional[int] = ...,
-        started_ns: _Optional[int] = ...,
-        finished_ns: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, trajectory_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[TreeNode, _Mapping]]] = ..., calls: _Optional[_Iterable[_Union[CallSequence, _Mapping]]] = ..., rewards: _Optional[_Mapping[str, float]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[EpisodeOutcome, str]] = ..., policy_version: _Optional[int] = ..., start_version: _Optional[int] = ..., flat_tokens: _Optional[int] = ..., unique_tokens: _Optional[int] = ..., started_ns: _Optional[int] = ..., finished_ns: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("consumer_id", "max_unacked")
@@ -263,9 +159,7 @@ class PullRequest(_message.Message):
     MAX_UNACKED_FIELD_NUMBER: _ClassVar[int]
     consumer_id: str
     max_unacked: int
-    def __init__(
-        self, consumer_id: _Optional[str] = ..., max_unacked: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, consumer_id: _Optional[str] = ..., max_unacked: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("trajectory", "redeliveries")
@@ -273,11 +167,7 @@ class PullResponse(_message.Message):
     REDELIVERIES_FIELD_NUMBER: _ClassVar[int]
     trajectory: Trajectory
     redeliveries: int
-    def __init__(
-        self,
-        trajectory: _Optional[_Union[Trajectory, _Mapping]] = ...,
-        redeliveries: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, trajectory: _Optional[_Union[Trajectory, _Mapping]] = ..., redeliveries: _Optional[int] = ...) -> None: ...
 
 class AckRequest(_message.Message):
     __slots__ = ("trajectory_ids", "requeue_ids")
@@ -285,11 +175,7 @@ class AckRequest(_message.Message):
     REQUEUE_IDS_FIELD_NUMBER: _ClassVar[int]
     trajectory_ids: _containers.RepeatedScalarFieldContainer[str]
     requeue_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self,
-        trajectory_ids: _Optional[_Iterable[str]] = ...,
-        requeue_ids: _Optional[_Iterable[str]] = ...,
-    ) -> None: ...
+    def __init__(self, trajectory_ids: _Optional[_Iterable[str]] = ..., requeue_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ("acknowledged", "unknown_ids")
@@ -297,6 +183,4 @@ class AckResponse(_message.Message):
     UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
     acknowledged: int
     unknown_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self, acknowledged: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ...
-    ) -> None: ...
+    def __init__(self, acknowledged: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ...) -> None: ...

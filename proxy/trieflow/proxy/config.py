@@ -34,6 +34,7 @@ class ProxyConfig:
     wal_max_bytes: int = 8 << 30
     wal_segment_bytes: int = 64 << 20
     wal_fsync: bool = False
+    ready_file: Path | None = None  # written (JSON with the bound ports) once serving
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
@@ -86,6 +87,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         action="store_true",
         help="fsync before answering (survive power loss, not only kill -9)",
     )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write the bound ports here as JSON once serving",
+    )
     a = p.parse_args(argv)
     return ProxyConfig(
         upstreams=tuple(a.upstream),
@@ -114,4 +121,5 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         wal_max_bytes=a.wal_max_bytes,
         wal_segment_bytes=a.wal_segment_bytes,
         wal_fsync=a.wal_fsync,
+        ready_file=a.ready_file,
     )

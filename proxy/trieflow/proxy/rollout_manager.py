@@ -299,6 +299,11 @@ class RolloutManager:
                 )
             return UpdateResult(ok, steps)
 
+    def adopt_version(self, version: int) -> None:
+        """Records a version the replicas already serve (set by someone else)."""
+        if version > self.weight_version and not self._update_lock.locked():
+            self._set_local_version(version)
+
     # -- internals --------------------------------------------------------------------
 
     async def _on_all(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 import aiohttp
@@ -19,7 +20,7 @@ from trieflow.proxy.metrics import ProxyMetrics
 from trieflow.proxy.replicas import ReplicaPool
 from trieflow.proxy.rollout_manager import RolloutManager
 from trieflow.proxy.trajectory_manager import TrajectoryManager, UnknownEpisodeError
-from trieflow.proxy.vllm_control import VllmControl
+from trieflow.proxy.vllm_control import ControlError, VllmControl
 from trieflow.proxy.wal import WriteAheadLog
 from trieflow.v1 import trajectory_pb2
 
@@ -88,6 +89,7 @@ class ProxyServer:
         add_services(self._grpc, self.rollout, self.trajectories, self.metrics)
         self.grpc_port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         await self._grpc.start()
+        await self._adopt_replica_version()
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="trieflow-health"),
             asyncio.create_task(self._housekeeping_loop(), name="trieflow-housekeeping"),
@@ -154,14 +156,31 @@ class ProxyServer:
 
     async def _health_loop(self) -> None:
         """Brings failed replicas back once their /health answers again."""
-        assert self._session is not None
         control = self.rollout.control
         while True:
             await asyncio.sleep(self.config.health_interval)
             for replica in self.pool:
                 if not replica.healthy and await control.healthy(replica.url, timeout=2.0):
                     self.pool.mark_healthy(replica)
+            await self._adopt_replica_version()
             self._refresh_gauges()
+
+    async def _adopt_replica_version(self) -> None:
+        """Follows a version set on the replicas by someone else (a sibling proxy, the
+        trainer). vLLM starts at "default", which is not a number and is ignored."""
+        if self.rollout.paused:
+            return
+        versions = []
+        for replica in self.pool:
+            if not replica.usable:
+                continue
+            with contextlib.suppress(ControlError):
+                text = await self.rollout.control.weight_version(replica.url, timeout=2.0)
+                if text.lstrip("-").isdigit():
+                    versions.append(int(text))
+        if versions and max(versions) > self.rollout.weight_version and not self.rollout.paused:
+            log.info("replicas serve weight version %d; adopting it", max(versions))
+            self.rollout.adopt_version(max(versions))
 
     async def _housekeeping_loop(self) -> None:
         """Closes episodes nobody finished, so their trees still reach the trainer."""
@@ -178,6 +197,15 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
     """Runs a proxy until ``stop`` is set (or forever)."""
     server = ProxyServer(config)
     await server.start()
+    if config.ready_file is not None:
+        ports = {
+            "port": server.port,
+            "admin_port": server.admin_port,
+            "grpc_port": server.grpc_port,
+        }
+        staging = config.ready_file.with_suffix(".tmp")
+        staging.write_text(json.dumps(ports))
+        staging.replace(config.ready_file)
     log.info(
         "trieflow proxy: agents on %s:%d, admin on :%d, gRPC on :%d, upstreams %s",
         config.host,
