@@ -42,6 +42,7 @@ class PackedBatch:
     entry_advantage: torch.Tensor
     entry_weight_version: torch.Tensor
     sequence_index: torch.Tensor
+    sequence_group: torch.Tensor
     sequence_loss_tokens: torch.Tensor
     num_tokens: int
     flat_tokens: int
@@ -77,6 +78,7 @@ class _Columns:
     entry_advantage: list[float] = dataclasses.field(default_factory=list)
     entry_weight_version: list[int] = dataclasses.field(default_factory=list)
     sequence_index: list[int] = dataclasses.field(default_factory=list)
+    sequence_group: list[int] = dataclasses.field(default_factory=list)
     sequence_loss_tokens: list[int] = dataclasses.field(default_factory=list)
 
     def pad_to(self, length: int, pad_token_id: int) -> None:
@@ -118,6 +120,7 @@ def _append_trie(cols: _Columns, trie: Trie) -> None:
         seq = branch.sequence
         slot = len(cols.sequence_index)
         cols.sequence_index.append(branch.index)
+        cols.sequence_group.append(seq.group_id)
         cols.sequence_loss_tokens.append(seq.num_loss_tokens)
         packed = [
             start[node_id] + k
@@ -131,7 +134,7 @@ def _append_trie(cols: _Columns, trie: Trie) -> None:
             cols.entry_packed_target.append(packed[t])
             cols.entry_sequence.append(slot)
             cols.entry_rollout_logprob.append(float(seq.rollout_logprobs[t]))
-            cols.entry_advantage.append(float(seq.advantage))
+            cols.entry_advantage.append(seq.advantage_at(t))
             cols.entry_weight_version.append(-1 if versions is None else int(versions[t]))
 
 
@@ -183,6 +186,7 @@ def pack_tries(
         entry_advantage=torch.tensor(cols.entry_advantage, dtype=torch.float32),
         entry_weight_version=torch.tensor(cols.entry_weight_version, dtype=torch.long),
         sequence_index=torch.tensor(cols.sequence_index, dtype=torch.long),
+        sequence_group=torch.tensor(cols.sequence_group, dtype=torch.long),
         sequence_loss_tokens=torch.tensor(cols.sequence_loss_tokens, dtype=torch.long),
         num_tokens=num_tokens,
         flat_tokens=sum(trie.flat_tokens for trie in tries),

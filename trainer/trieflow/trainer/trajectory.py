@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class FlatSequence:
-    """One root-to-leaf token sequence with its per-token RL data."""
+    """One root-to-leaf token sequence with its per-token RL data.
+
+    ``advantage`` is one value for the whole sequence (GRPO) or one per token (PPO/GAE).
+    """
 
     tokens: Sequence[int]
     loss_mask: Sequence[bool]
     rollout_logprobs: Sequence[float]
-    advantage: float
+    advantage: float | Sequence[float]
     group_id: int = 0
     weight_versions: Sequence[int] | None = None
 
@@ -37,12 +40,19 @@ class FlatSequence:
             raise ValueError("loss_mask and rollout_logprobs must match tokens in length")
         if self.weight_versions is not None and len(self.weight_versions) != n:
             raise ValueError("weight_versions must match tokens in length")
+        if not isinstance(self.advantage, float | int) and len(self.advantage) != n:
+            raise ValueError("per-token advantages must match tokens in length")
         if self.loss_mask[0]:
             raise ValueError("token 0 has no predecessor and cannot carry loss")
 
     @property
     def num_loss_tokens(self) -> int:
         return sum(1 for m in self.loss_mask if m)
+
+    def advantage_at(self, t: int) -> float:
+        if isinstance(self.advantage, float | int):
+            return float(self.advantage)
+        return float(self.advantage[t])
 
 
 @dataclass
@@ -51,7 +61,8 @@ class TrajectoryNode:
 
     ``generated[t]`` marks tokens sampled by the policy (trained); the rest are prompt,
     tool output or user turns. ``weight_versions[t]`` is the weight version that sampled
-    token ``t``. Leaves carry the episode reward.
+    token ``t``. Leaves carry the episode reward. ``token_entropies`` (optional) are the
+    rollout engine's per-token entropies, used by entropy-based pruning.
     """
 
     tokens: list[int]
@@ -60,10 +71,13 @@ class TrajectoryNode:
     weight_versions: list[int]
     children: list[TrajectoryNode] = field(default_factory=list)
     reward: float | None = None
+    token_entropies: list[float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
         lengths = {len(self.generated), len(self.rollout_logprobs), len(self.weight_versions)}
+        if self.token_entropies is not None:
+            lengths.add(len(self.token_entropies))
         if lengths != {n}:
             raise ValueError("per-token fields must match tokens in length")
         if self.children and self.reward is not None:
