@@ -64,14 +64,20 @@ class DenseTreeMask:
 
 @dataclass(frozen=True)
 class CausalRowsMask:
-    """Causal attention per row: each row is one sequence (padding after its end)."""
+    """Causal attention per row: each row is one sequence (padding after its end).
+
+    Key/value heads are expanded to the query heads first (as transformers' own SDPA
+    path does), so the flash kernel is eligible on every PyTorch version.
+    """
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scale, enable_gqa=True
-        )
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
 
 
 def tree_mask_mod(subtree_end: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -149,11 +155,15 @@ _eager_flex = cast(Callable[..., Any], flex_attention)
 
 
 def compiled_flex_attention() -> Callable[..., Any]:
-    """``flex_attention`` compiled once per process (shapes may vary between batches)."""
+    """``flex_attention`` compiled once per process.
+
+    Automatic dynamic shapes: the first packed length compiles a static kernel, a second
+    one recompiles once with a symbolic length that serves every later length.
+    """
     global _compiled_flex  # noqa: PLW0603
     if _compiled_flex is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 

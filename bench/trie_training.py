@@ -1,0 +1,351 @@
+"""Trie-packed vs flat training step, and the tree-attention kernel (issue 6).
+
+For each agentic tree shape (shared prefix, branching per level, tokens per segment) the
+same root-to-leaf sequences are trained three ways on one model, in one process:
+
+- trie: trie packing, FlexAttention tree mask;
+- flat: document-masked packing of the flat sequences, same FlexAttention backend;
+- sdpa: one sequence per row, causal SDPA (flash attention).
+
+A step is forward + backward + AdamW; activation checkpointing per decoder layer, LM-head
+loss in chunks. The kernel section times tree attention alone (forward + backward) and
+counts only visible query-key pairs, against dense causal SDPA flash attention at the
+same token count.
+
+    PYTHONPATH=src:trainer:proxy:proto:operator python bench/trie_training.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from trieflow.trainer.attention import (
+    FlexTreeMask,
+    compiled_flex_attention,
+    register_tree_attention,
+)
+from trieflow.trainer.loss import PolicyLossConfig
+from trieflow.trainer.packing import PackedBatch, pack_tries
+from trieflow.trainer.partition import pack_micro_batches
+from trieflow.trainer.step import AttentionBackend, StepConfig, accumulate_gradients
+from trieflow.trainer.synthetic import agentic_tree
+from trieflow.trainer.trajectory import FlatSequence, tree_to_sequences
+from trieflow.trainer.trie import build_tries
+
+SHAPES: list[tuple[int, list[int], list[int]]] = [
+    (2048, [8], [1536]),
+    (4096, [2, 4], [2048, 1024]),
+    (6144, [4, 2], [1024, 1024]),
+    (8192, [8], [512]),
+]
+
+MODELS: dict[str, dict[str, Any]] = {
+    "qwen2.5-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    config = Qwen2Config(**MODELS[name])
+    config._attn_implementation = register_tree_attention()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = Qwen2ForCausalLM(config)  # random weights
+    finally:
+        torch.set_default_dtype(previous)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def scaled_shape(
+    shape: tuple[int, list[int], list[int]], scale: float
+) -> tuple[int, list[int], list[int]]:
+    prefix, branching, segments = shape
+    return (
+        max(1, round(prefix * scale)),
+        branching,
+        [max(1, round(s * scale)) for s in segments],
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    """Median wall time of ``reps`` synchronised calls after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i == 0:
+            print(f"    first call {time.perf_counter() - start:.2f} s", flush=True)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Variant:
+    name: str
+    batches: list[PackedBatch]
+    step: StepConfig
+
+
+def make_variants(
+    sequences: Sequence[FlatSequence], budget: int, attention: AttentionBackend, chunk: int
+) -> list[Variant]:
+    loss = PolicyLossConfig()
+    trie = pack_micro_batches(build_tries(sequences), budget, pad_to_multiple=128)
+    flat = pack_micro_batches(build_tries(sequences, share_prefixes=False), budget, 128)
+    row = max(len(s.tokens) for s in sequences)
+    per_batch = max(1, budget // row)
+    rows = [
+        pack_tries(build_tries(sequences[i : i + per_batch], share_prefixes=False), row_length=row)
+        for i in range(0, len(sequences), per_batch)
+    ]
+    return [
+        Variant("trie", trie, StepConfig(loss, attention, chunk)),
+        Variant("flat", flat, StepConfig(loss, attention, chunk)),
+        Variant("sdpa", rows, StepConfig(loss, AttentionBackend.CAUSAL_ROWS, chunk)),
+    ]
+
+
+def flat_gradient(model: Any) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def gradient_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    dot = sum(float((x.float() * y.float()).sum()) for x, y in zip(a, b, strict=True))
+    na = math.sqrt(sum(float(x.float().square().sum()) for x in a))
+    nb = math.sqrt(sum(float(y.float().square().sum()) for y in b))
+    return dot / (na * nb)
+
+
+def visible_pairs(batch: PackedBatch) -> int:
+    """Query-key pairs a tree mask lets through (real tokens: depth + 1 ancestors each)."""
+    return int((batch.position_ids[: batch.num_tokens].double() + 1).sum())
+
+
+def attention_flops(pairs: int, heads: int, head_dim: int) -> float:
+    """Forward 2 matmuls (4 flops per pair per dim) + backward 2.5x forward."""
+    return 3.5 * 4.0 * pairs * heads * head_dim
+
+
+def kernel_tflops(
+    batch: PackedBatch,
+    device: torch.device,
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    reps: int,
+) -> tuple[float, float]:
+    """(tree attention, dense causal flash) useful TFLOP/s, forward + backward."""
+    n = batch.padded_tokens
+    dtype = torch.bfloat16
+
+    def qkv(kv: int) -> tuple[torch.Tensor, ...]:
+        shapes = ((1, heads, n, head_dim), (1, kv, n, head_dim), (1, kv, n, head_dim))
+        return tuple(torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes)
+
+    q, k, v = qkv(kv_heads)
+    grad = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
+    mask = FlexTreeMask.from_subtree_end(batch.subtree_end.to(device))
+    flex = compiled_flex_attention()
+
+    def tree_step() -> None:
+        out = flex(q, k, v, block_mask=mask.block_mask, enable_gqa=True)
+        out.backward(grad)
+
+    tree_s = median_seconds(tree_step, device, 3, reps)
+    # Dense flash baseline: kv heads expanded, so flash attention runs on any version.
+    qd, kd, vd = qkv(heads)
+
+    def dense_step() -> None:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+        out.backward(grad)
+
+    dense_s = median_seconds(dense_step, device, 3, reps)
+    tree = attention_flops(visible_pairs(batch), heads, head_dim) / tree_s / 1e12
+    dense = attention_flops(n * (n + 1) // 2, heads, head_dim) / dense_s / 1e12
+    return tree, dense
+
+
+def run_shape(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    shape: tuple[int, list[int], list[int]],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    prefix, branching, segments = scaled_shape(shape, args.scale)
+    vocab = model.config.vocab_size
+    sequences = tree_to_sequences(agentic_tree(prefix, branching, segments, vocab, rng))
+    attention = AttentionBackend(args.attention)
+    variants = make_variants(sequences, args.token_budget, attention, args.lm_head_chunk)
+    for variant in variants:
+        variant.batches = [b.to(device) for b in variant.batches]
+
+    grads: dict[str, list[torch.Tensor]] = {}
+    for variant in variants[:2]:  # same weights: trie vs flat gradients
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(model, variant.batches, variant.step)
+        grads[variant.name] = flat_gradient(model)
+    cosine = gradient_cosine(grads["trie"], grads["flat"])
+    del grads
+
+    times: dict[str, float] = {}
+    for variant in variants:
+
+        def step(v: Variant = variant) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            accumulate_gradients(model, v.batches, v.step)
+            optimizer.step()
+
+        times[variant.name] = median_seconds(step, device, args.warmup, args.steps)
+        print(f"  {variant.name:5s} {times[variant.name]:.3f} s", flush=True)
+
+    trie_batches = variants[0].batches
+    flat_tokens = sum(b.flat_tokens for b in trie_batches)
+    unique = sum(b.num_tokens for b in trie_batches)
+    tree_tflops = dense_tflops = float("nan")
+    if device.type == "cuda":
+        cfg = model.config
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        tree_tflops, dense_tflops = kernel_tflops(
+            trie_batches[0],
+            device,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            reps=args.kernel_reps,
+        )
+    ratio = flat_tokens / unique
+    speedup = times["flat"] / times["trie"]
+    return {
+        "model": args.model,
+        "shape": f"({prefix}, {branching}, {segments})",
+        "tokens": flat_tokens,
+        "unique_tokens": unique,
+        "dedup_ratio": round(ratio, 4),
+        "micro_batches": {v.name: len(v.batches) for v in variants},
+        "flat_step_s": round(times["flat"], 4),
+        "sdpa_flash_step_s": round(times["sdpa"], 4),
+        "trie_step_s": round(times["trie"], 4),
+        "speedup": round(speedup, 4),
+        "speedup_vs_sdpa": round(times["sdpa"] / times["trie"], 4),
+        "speedup_over_r": round(speedup / ratio, 4),
+        "grad_cosine_trie_vs_flat": round(cosine, 6),
+        "tree_attn_tflops": round(tree_tflops, 2),
+        "dense_flash_tflops": round(dense_tflops, 2),
+    }
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    head = (
+        f"{'shape':34s} {'tokens':>7s} {'r':>5s} {'flat s':>7s} {'sdpa s':>7s} {'trie s':>7s} "
+        f"{'speedup':>7s} {'/r':>5s} {'cos':>8s} {'tree TF':>8s} {'flash TF':>8s}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['shape']:34s} {r['tokens']:7d} {r['dedup_ratio']:5.2f} {r['flat_step_s']:7.3f} "
+            f"{r['sdpa_flash_step_s']:7.3f} {r['trie_step_s']:7.3f} {r['speedup']:7.2f} "
+            f"{r['speedup_over_r']:5.2f} {r['grad_cosine_trie_vs_flat']:8.5f} "
+            f"{r['tree_attn_tflops']:8.1f} {r['dense_flash_tflops']:8.1f}"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-1.5b", choices=sorted(MODELS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--attention", default="flex", choices=[b.value for b in AttentionBackend])
+    parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES")
+    parser.add_argument("--scale", type=float, default=1.0, help="scale token counts (debug)")
+    parser.add_argument("--token-budget", type=int, default=73728)
+    parser.add_argument("--lm-head-chunk", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--kernel-reps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, device, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"device: {name}; torch {torch.__version__}; model {args.model}", flush=True)
+    rows = []
+    for index in (int(i) for i in args.shapes.split(",")):
+        print(f"shape {SHAPES[index]}", flush=True)
+        rows.append(run_shape(model, optimizer, SHAPES[index], args, device))
+        if device.type == "cuda":
+            print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
+    (args.out / "trie_training.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"dynamo: {dict(torch._dynamo.utils.counters['stats'])}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
