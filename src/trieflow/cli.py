@@ -29,6 +29,28 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def run(
+    manifest: Annotated[Path, typer.Argument(help="An RLJob manifest (YAML).", exists=True)],
+) -> None:
+    """Run an RLJob locally, on this machine."""
+    from trieflow.localrun import ManifestError, run_local
+
+    try:
+        run_local(manifest, Console())
+    except ManifestError as error:
+        err.print(f"[red]invalid RLJob[/red] {error}")
+        raise typer.Exit(2) from error
+
+
+@app.command()
+def crd() -> None:
+    """Print the RLJob CustomResourceDefinition generated from the API model."""
+    from trieflow.api.crd import render_crd_yaml
+
+    typer.echo(render_crd_yaml(), nl=False)
+
+
 @testenv_app.command("build")
 def build_cmd() -> None:
     """Build (once) and cache the Kubernetes 1.20.2 control-plane binaries."""

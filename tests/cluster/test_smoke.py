@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,19 +11,9 @@ from kubernetes import client
 from trieflow.testenv import kubelet
 from trieflow.testenv.cluster import TestCluster
 from trieflow.testenv.commands import Run
+from trieflow.testenv.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 def kjson(kubectl: Run, *args: str) -> Any:

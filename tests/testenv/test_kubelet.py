@@ -67,6 +67,7 @@ def test_exit_follows_restart_policy(
     container.start(0.0)
     container.terminate(exit_code)
     assert sim.should_restart(container) is restarts
+    assert sim.status()["phase"] == phase, "waiting for its restart, the pod is still Running"
     if restarts:
         container.restart(1.0)
     status = sim.status()

@@ -21,6 +21,7 @@ from trieflow.testenv.controlplane import (
     ControlPlaneError,
     ControlPlaneState,
     ProcessRecord,
+    process_start_ticks,
     terminate,
 )
 from trieflow.testenv.nodesim import DEFAULT_NODES, NodeSimulator
@@ -108,7 +109,10 @@ def up(directory: Path | None = None) -> ControlPlaneState:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        state.processes.append(ProcessRecord("nodesim", proc.pid, sys.executable, str(log)))
+        record = ProcessRecord(
+            "nodesim", proc.pid, process_start_ticks(proc.pid), sys.executable, str(log)
+        )
+        state.processes.append(record)
         state.save()
         _wait_for_nodes(plane.kubeconfig, len(DEFAULT_NODES), proc, log)
     except BaseException:

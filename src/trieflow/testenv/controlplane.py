@@ -54,6 +54,7 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 class ProcessRecord:
     name: str
     pid: int
+    start_ticks: int | None
     binary: str
     log: str
 
@@ -98,13 +99,22 @@ def kubeconfig(server: str, ca_cert: Path, user: str, token: str) -> dict[str, o
     }
 
 
-def _is_running(record: ProcessRecord) -> bool:
-    """True when the pid is alive and still runs the binary we started (no pid reuse)."""
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of `pid` (None when gone or a zombie): a pid-reuse-proof id."""
     try:
-        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return cmdline.split(b"\0", 1)[0].decode(errors="replace") == record.binary
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _is_running(record: ProcessRecord) -> bool:
+    """True when the pid is alive and is still the process we started (no pid reuse)."""
+    ticks = process_start_ticks(record.pid)
+    return ticks is not None and ticks == record.start_ticks
 
 
 def terminate(records: list[ProcessRecord], timeout: float = 15.0) -> None:
@@ -280,7 +290,8 @@ class ControlPlane:
                 start_new_session=True,
                 cwd=self.directory,
             )
-        self.state.processes.append(ProcessRecord(name, proc.pid, str(binary), str(log)))
+        record = ProcessRecord(name, proc.pid, process_start_ticks(proc.pid), str(binary), str(log))
+        self.state.processes.append(record)
         self.state.save()
 
     def _wait(self, name: str, ready: Callable[[], bool], timeout: float) -> None:

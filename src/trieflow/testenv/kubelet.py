@@ -112,15 +112,13 @@ class PodSim:
         )
 
     def phase(self) -> str:
-        states = [c.phase for c in self.containers]
-        if all(s == "terminated" for s in states):
+        """Terminal only when every container is done for good under the restart policy."""
+        if all(c.phase == "terminated" and not self.should_restart(c) for c in self.containers):
             failed = any(c.exit_code != 0 for c in self.containers)
             return "Failed" if failed else "Succeeded"
-        if any(s == "running" for s in states) or (
-            all(s != "waiting" for s in states) and self.restart_policy != "Never"
-        ):
-            return "Running"
-        return "Pending"
+        if any(c.started_at is None for c in self.containers):
+            return "Pending"
+        return "Running"
 
     def should_restart(self, container: ContainerSim) -> bool:
         if container.phase != "terminated":

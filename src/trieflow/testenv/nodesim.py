@@ -157,6 +157,7 @@ class NodeSimulator:
         self.tick = tick
         self._ready = dict.fromkeys(self.nodes, True)
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._node_changes: queue.Queue[str] = queue.Queue()
         self._pods: dict[str, _Tracked] = {}
         self._ip_seq = 0
         self._stop = threading.Event()
@@ -187,6 +188,7 @@ class NodeSimulator:
         self.core.patch_node_status(
             name, {"status": node_status(node, index, ready)}, _content_type=MERGE_PATCH
         )
+        self._node_changes.put(name)
 
     def fail_pod(self, namespace: str, name: str, exit_code: int = 1) -> None:
         """Make a running pod's containers die now (through the API, like any event)."""
@@ -224,8 +226,11 @@ class NodeSimulator:
         except ApiException as err:
             if err.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(
-                "kube-node-lease", client.V1Lease.model_validate(body)
+            # Created without renewTime: the typed model would re-format the MicroTime.
+            lease = client.V1Lease.model_validate({**body, "spec": {"holderIdentity": name}})
+            self.coordination.create_namespaced_lease("kube-node-lease", lease)
+            self.coordination.patch_namespaced_lease(
+                name, "kube-node-lease", body, _content_type=MERGE_PATCH
             )
 
     # --- watch -------------------------------------------------------------------------
@@ -267,6 +272,12 @@ class NodeSimulator:
         while not self._stop.is_set():
             for pod in self._drain():
                 self._on_pod(pod)
+            while not self._node_changes.empty():
+                # Containers on a node whose runtime broke no longer report ready.
+                changed = self._node_changes.get_nowait()
+                for tracked in list(self._pods.values()):
+                    if tracked.pod["spec"]["nodeName"] == changed:
+                        self._write_status(tracked)
             clock = time.monotonic()
             for uid in list(self._pods):
                 self._advance(self._pods[uid], clock)
