@@ -215,9 +215,9 @@ def test_failed_container_restarts_under_always(kubectl: Run, cluster: TestClust
     assert cluster.nodes is not None
     cluster.nodes.fail_pod("default", "smoke-restart", exit_code=137)
 
-    def restarted() -> dict[str, Any] | None:
-        cs = pod_status(kubectl, "smoke-restart")["containerStatuses"][0]
-        return cs if cs["restartCount"] == 1 and "running" in cs["state"] else None
+    def restarted() -> dict[str, Any]:
+        cs: dict[str, Any] = pod_status(kubectl, "smoke-restart")["containerStatuses"][0]
+        return cs if cs["restartCount"] == 1 and "running" in cs["state"] else {}
 
     cs = wait_for("one restart", restarted)
     assert cs["lastState"]["terminated"]["exitCode"] == 137

@@ -25,16 +25,21 @@ from trieflow.v1 import recording_pb2
 def test_chat_request_gets_ids_and_logprobs_and_remembers_the_ask() -> None:
     body: dict[str, Any] = {"model": "m", "messages": [], "temperature": 0.5, "stream": True}
     ask = prepare_request(CHAT_ROUTE, body)
-    assert body["return_token_ids"] is True and body["logprobs"] is True
+    assert body["return_token_ids"] is True
+    assert body["logprobs"] is True
     assert (ask.token_ids, ask.logprobs, ask.stream, ask.temperature) == (False, False, True, 0.5)
 
 
 def test_completions_request_keeps_the_agents_logprobs() -> None:
     body: dict[str, Any] = {"prompt": "x", "logprobs": 3, "return_token_ids": True}
     ask = prepare_request(COMPLETIONS_ROUTE, body)
-    assert body["logprobs"] == 3 and ask.logprobs and ask.token_ids and ask.untouched
+    assert body["logprobs"] == 3
+    assert ask.logprobs
+    assert ask.token_ids
+    assert ask.untouched
     plain: dict[str, Any] = {"prompt": "x"}
-    assert not prepare_request(COMPLETIONS_ROUTE, plain).logprobs and plain["logprobs"] == 0
+    assert not prepare_request(COMPLETIONS_ROUTE, plain).logprobs
+    assert plain["logprobs"] == 0
 
 
 @pytest.mark.parametrize(
@@ -77,7 +82,8 @@ def test_response_is_cut_back_to_what_was_asked() -> None:
     ask = prepare_request(CHAT_ROUTE, {"messages": []})
     doc = filter_response(copy.deepcopy(CHAT_RESPONSE), ask)
     assert doc["prompt_token_ids"] is None
-    assert doc["choices"][0]["token_ids"] is None and doc["choices"][0]["logprobs"] is None
+    assert doc["choices"][0]["token_ids"] is None
+    assert doc["choices"][0]["logprobs"] is None
     asked = prepare_request(CHAT_ROUTE, {"messages": [], "logprobs": True})
     kept = filter_response(copy.deepcopy(CHAT_RESPONSE), asked)
     assert kept["choices"][0]["logprobs"] == CHAT_RESPONSE["choices"][0]["logprobs"]  # type: ignore[index]
@@ -91,6 +97,9 @@ def test_chunks_sent_only_for_metadata_are_dropped() -> None:
     assert filter_chunk(final, ask) == {
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "token_ids": None}]
     }
+    with_ids = prepare_request(CHAT_ROUTE, {"messages": [], "return_token_ids": True})
+    empty_again = {"choices": [{"index": 0, "delta": {}, "finish_reason": None, "token_ids": [9]}]}
+    assert filter_chunk(empty_again, with_ids) == empty_again  # vLLM sends it then too
     usage = {"choices": [], "usage": {"prompt_tokens": 3}}
     assert filter_chunk(usage, ask) == usage
 
@@ -105,9 +114,11 @@ def test_sse_splitter_handles_any_cut_points() -> None:
             step = rng.randrange(1, 5000)
             got += splitter.feed(stream[pos : pos + step])
             pos += step
-        assert got == events and splitter.pending == b""
+        assert got == events
+        assert splitter.pending == b""
     crlf = SseSplitter()
-    assert crlf.feed(b"data: 1\r") == [] and crlf.feed(b"\n\r\n") == [b"1"]
+    assert crlf.feed(b"data: 1\r") == []
+    assert crlf.feed(b"\n\r\n") == [b"1"]
 
 
 def test_recorder_assembles_streamed_choices_with_version_spans() -> None:
@@ -131,8 +142,10 @@ def test_recorder_assembles_streamed_choices_with_version_spans() -> None:
     record = rec.build(recording_pb2.CallRecord())
     assert list(record.prompt_token_ids) == [1, 2]
     first, second = record.choices
-    assert list(first.token_ids) == [5, 6] and first.finish_reason == "length"
-    assert first.logprobs[0] == pytest.approx(-0.5) and math.isnan(first.logprobs[1])
+    assert list(first.token_ids) == [5, 6]
+    assert first.finish_reason == "length"
+    assert first.logprobs[0] == pytest.approx(-0.5)
+    assert math.isnan(first.logprobs[1])
     assert [(s.start, s.weight_version) for s in first.versions] == [(0, 4), (1, 5)]
     assert list(second.token_ids) == [7]
 

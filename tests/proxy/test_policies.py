@@ -20,7 +20,8 @@ def test_in_flight_limit() -> None:
     policy = AdmissionPolicy(max_in_flight_episodes=2)
     assert admission_refusal(state(in_flight_episodes=1), policy) is None
     refusal = admission_refusal(state(in_flight_episodes=2), policy)
-    assert refusal is not None and refusal[0] == "in_flight_limit"
+    assert refusal is not None
+    assert refusal[0] == "in_flight_limit"
 
 
 def test_backpressure_wins() -> None:
@@ -32,7 +33,8 @@ def test_staleness_waits_for_old_episodes() -> None:
     policy = AdmissionPolicy(max_staleness=1)
     assert admission_refusal(state(version=3, oldest_start_version=2), policy) is None
     refusal = admission_refusal(state(version=3, oldest_start_version=1), policy)
-    assert refusal is not None and refusal[0] == "staleness"
+    assert refusal is not None
+    assert refusal[0] == "staleness"
 
 
 def test_capacity_rule_allows_staleness_plus_one_batches_per_version() -> None:
@@ -59,6 +61,7 @@ def test_pool_prefers_usable_replicas() -> None:
     pool = ReplicaPool(["http://a", "http://b/"])
     preferred = pool.candidates("s")[0]
     pool.mark_failed(preferred, "boom")
-    assert pool.candidates("s")[0] is not preferred and pool.candidates("s")[1] is preferred
+    assert pool.candidates("s")[0] is not preferred
+    assert pool.candidates("s")[1] is preferred
     pool.mark_healthy(preferred)
     assert pool.candidates("s")[0] is preferred

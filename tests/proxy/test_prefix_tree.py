@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 
 import pytest
 
 from trieflow.proxy.prefix_tree import PrefixTree, TokenSequence, common_prefix_length
 from trieflow.proxy.tree_export import export_tree, sequence_path
 from trieflow.v1 import trajectory_pb2
-from array import array
 
 
 def seq(tokens: list[int], prompt: int, version: int = 0, call: int = 0) -> TokenSequence:
@@ -56,7 +56,8 @@ def test_multi_turn_history_is_stored_once() -> None:
     # Tokens 3,4 were sampled in turn 1 and stay sampled (with turn 1's logprobs, version 0)
     # although turn 2 read them as prompt; 5,6 are prompt; 7 is sampled under version 1.
     assert [s for _, _, s in path] == [False, False, True, True, False, False, True]
-    assert path[2][1] == pytest.approx(-0.5) and path[3][1] == pytest.approx(-1.5)
+    assert path[2][1] == pytest.approx(-0.5)
+    assert path[3][1] == pytest.approx(-1.5)
     segments = [s for node in traj.nodes for s in node.segments]
     assert [(s.weight_version, s.source) for s in segments if s.source == 2] == [(0, 2), (1, 2)]
 
@@ -68,7 +69,8 @@ def test_samples_of_one_prompt_branch_after_the_prompt() -> None:
     traj = export(tree, 3)
     assert tree.unique_tokens == 3 + 1 + 2 + 1  # prompt, 7, {8, 9}, 6
     root = traj.nodes[0]
-    assert root.parent == -1 and [t for s in root.segments for t in s.token_ids] == [1, 2, 3]
+    assert root.parent == -1
+    assert [t for s in root.segments for t in s.token_ids] == [1, 2, 3]
     for i, tail in enumerate(([7, 8], [7, 9], [6])):
         assert [t for t, _, _ in sequence_path(traj, i)] == [1, 2, 3, *tail]
     # DFS pre-order: every parent precedes its children, depth = parent depth + length.
@@ -123,7 +125,8 @@ def test_random_sequences_round_trip_through_the_tree() -> None:
         assert [t for t, _, _ in path] == list(s.token_ids)
         for (_, lp, sampled), pos in zip(path, range(len(path)), strict=True):
             if pos >= s.prompt_length:
-                assert sampled and not math.isnan(lp)  # a sampled token is never demoted
+                assert sampled
+                assert not math.isnan(lp)
 
 
 def test_sequence_with_mismatched_logprobs_is_rejected() -> None:

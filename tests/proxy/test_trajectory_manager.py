@@ -44,8 +44,10 @@ def test_episode_calls_become_one_tree_with_rewards(tmp_path: Path) -> None:
     tm.record_call(ep, call([1, 2], [[3, 4]]))
     tm.record_call(ep, call([1, 2, 3, 4, 5], [[6], [7]]))
     traj = tm.finish_episode(ep.episode_id, rewards={"reward": 1.5}, metadata={"end": "x"})
-    assert traj.rewards["reward"] == 1.5 and dict(traj.metadata) == {"k": "v", "end": "x"}
-    assert traj.flat_tokens == 4 + 6 + 6 and traj.unique_tokens == 7
+    assert traj.rewards["reward"] == 1.5
+    assert dict(traj.metadata) == {"k": "v", "end": "x"}
+    assert traj.flat_tokens == 4 + 6 + 6
+    assert traj.unique_tokens == 7
     assert [[t for t, _, _ in sequence_path(traj, i)] for i in range(3)] == [
         [1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]
     ]  # fmt: skip
@@ -99,7 +101,8 @@ def test_delivery_respects_holders_and_requeues(tmp_path: Path) -> None:
         assert tm.outstanding(holder) == 2
         assert tm.requeue(holder=holder) == 2
         again = await tm.take(object())
-        assert again.trajectory.episode_id == "a" and again.redeliveries == 1
+        assert again.trajectory.episode_id == "a"
+        assert again.redeliveries == 1
         assert tm.acknowledge([again.trajectory_id, "nope"]) == (1, ["nope"])
         waiter = asyncio.create_task(tm.take(object()))
         assert (await asyncio.wait_for(waiter, 1)).trajectory.episode_id == "b"

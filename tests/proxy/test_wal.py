@@ -43,7 +43,8 @@ def test_corrupt_record_stops_decoding() -> None:
     bad = bytearray(encode_record(RecordKind.DATA, "b", b"456"))
     bad[-1] ^= 0xFF
     entries, used = decode_records(good + bytes(bad) + good)
-    assert [e.key for e in entries] == ["a"] and used == len(good)
+    assert [e.key for e in entries] == ["a"]
+    assert used == len(good)
 
 
 def test_replay_after_reopen_and_truncation_of_torn_tail(tmp_path: Path) -> None:

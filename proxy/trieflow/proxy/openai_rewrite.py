@@ -128,8 +128,12 @@ def _clear(choice: JsonObject, key: str) -> None:
 
 
 def _only_metadata(choice: JsonObject, ask: ClientAsk) -> bool:
-    """A chunk vLLM sends only because ids/logprobs were requested (empty text, no end)."""
-    if choice.get("finish_reason") is not None:
+    """A chunk vLLM sends only because ids/logprobs were requested (empty text, no end).
+
+    Mirrors vLLM's rule: an empty chat delta is skipped unless token ids or logprobs
+    were requested, so it is dropped only when the agent asked for neither.
+    """
+    if ask.token_ids or ask.logprobs or choice.get("finish_reason") is not None:
         return False
     if ask.route == CHAT_ROUTE:
         return not choice.get("delta")
