@@ -42,7 +42,7 @@ ensure_deb_src() {
   fi
 }
 
-ensure_apt golang-go rsync golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates
+ensure_apt golang-go make rsync golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates
 ensure_deb_src
 
 WORK="$CACHE_ROOT/build"
