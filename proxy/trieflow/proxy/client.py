@@ -4,11 +4,19 @@ and whoever updates weights. (The generated stubs are untyped; this is their con
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 
 from trieflow.v1 import rollout_pb2, rollout_pb2_grpc, trajectory_pb2, trajectory_pb2_grpc
+
+
+class PullStream(Protocol):
+    """The server stream of trees: iterate it; ``cancel()`` ends it."""
+
+    def __iter__(self) -> Iterator[trajectory_pb2.PullResponse]: ...
+    def __next__(self) -> trajectory_pb2.PullResponse: ...
+    def cancel(self) -> bool: ...
 
 
 class ProxyClient:
@@ -67,14 +75,11 @@ class ProxyClient:
 
     def pull(
         self, max_unacked: int = 1, consumer_id: str = "", timeout: float | None = None
-    ) -> Iterator[trajectory_pb2.PullResponse]:
+    ) -> PullStream:
         """Streams trees; call :meth:`ack` to receive more than ``max_unacked``. Cancel the
         returned iterator (``.cancel()``) to stop; unacknowledged trees are redelivered."""
         request = trajectory_pb2.PullRequest(consumer_id=consumer_id, max_unacked=max_unacked)
-        return cast(
-            Iterator[trajectory_pb2.PullResponse],
-            self._trajectories.Pull(request, timeout=timeout),
-        )
+        return cast(PullStream, self._trajectories.Pull(request, timeout=timeout))
 
     def ack(
         self, trajectory_ids: Iterable[str], requeue_ids: Iterable[str] = ()
