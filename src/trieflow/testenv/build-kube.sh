@@ -4,14 +4,16 @@
 #
 # Why from source: Debian 12 ships the full 1.20.2 tree (with vendor/) but no server
 # binaries, and no other registry is reachable. The vendored reflect2 1.0.1 makes the
-# apiserver panic on custom-resource creates under Go 1.19, so Debian's 1.0.2 replaces it.
+# apiserver panic on custom-resource creates under Go 1.19, so Debian's 1.0.2 replaces it,
+# together with Debian's json-iterator 1.1.12 made for it (the vendored 1.1.10 beside
+# reflect2 1.0.2 decodes "" inside lists of custom resources as null).
 #
-# Idempotent: exits at once when the binaries are already cached.
+# Usage: build-kube.sh DEST  (binaries land in DEST/bin). Idempotent: exits at once when
+# the binaries are already there.
 set -euo pipefail
 
 KUBE_VERSION=1.20.2
-CACHE_ROOT="${TRIEFLOW_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/trieflow}"
-DEST="$CACHE_ROOT/kube-$KUBE_VERSION"
+DEST="${1:?usage: build-kube.sh DEST}"
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 
 have_all() {
@@ -19,6 +21,14 @@ have_all() {
 }
 if have_all; then
   echo "kubernetes $KUBE_VERSION: cached in $DEST/bin"
+  exit 0
+fi
+# One build at a time per destination: a second caller waits, then finds the binaries.
+mkdir -p "$(dirname "$DEST")"
+exec 9>"$DEST.lock"
+flock 9
+if have_all; then
+  echo "kubernetes $KUBE_VERSION: built meanwhile into $DEST/bin"
   exit 0
 fi
 
@@ -42,10 +52,11 @@ ensure_deb_src() {
   fi
 }
 
-ensure_apt golang-go make rsync golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates
+ensure_apt golang-go make rsync golang-github-modern-go-reflect2-dev \
+  golang-github-json-iterator-go-dev dpkg-dev ca-certificates
 ensure_deb_src
 
-WORK="$CACHE_ROOT/build"
+WORK="$DEST.build"
 rm -rf "$WORK"
 mkdir -p "$WORK"
 cd "$WORK"
@@ -53,9 +64,12 @@ apt-get source --download-only "kubernetes=$KUBE_VERSION*" >/dev/null 2>&1 || ap
 dpkg-source --no-check -x kubernetes_*.dsc src >/dev/null
 cd src
 
-# Debian's reflect2 1.0.2 instead of the vendored 1.0.1 (panics under Go >= 1.18).
-rm -rf vendor/github.com/modern-go/reflect2
-rsync -a --exclude '*_test.go' /usr/share/gocode/src/github.com/modern-go/reflect2/ vendor/github.com/modern-go/reflect2/
+# Debian's reflect2 1.0.2 and json-iterator 1.1.12 instead of the vendored pair.
+for module in github.com/modern-go/reflect2 github.com/json-iterator/go; do
+  rm -rf "vendor/$module"
+  rsync -a --exclude '*_test.go' --exclude 'go.mod' --exclude 'go.sum' \
+    "/usr/share/gocode/src/$module/" "vendor/$module/"
+done
 
 export GOFLAGS=-mod=vendor GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl" \
