@@ -7,6 +7,7 @@ chunks that are recomputed in backward, so ``[T, vocab]`` logits never exist at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +41,37 @@ def packed_hidden_states(model: Any, batch: PackedBatch, tree_mask: TreeMask) ->
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[label]`` per row, in float32."""
+    logits = logits.float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+_fused_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def fused_logprobs_from_logits() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`logprobs_from_logits` compiled: one pass over the bf16 logits each way.
+
+    Eager, the upcast, log-sum-exp and softmax gradient each stream the ``[rows, vocab]``
+    logits through memory; compiled, forward and backward are one fused kernel each.
+    """
+    global _fused_logprobs  # noqa: PLW0603
+    if _fused_logprobs is None:
+        _fused_logprobs = torch.compile(logprobs_from_logits, dynamic=True)
+    return _fused_logprobs
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden @ weight.T).float()
+    logits = hidden @ weight.T
+    if not with_entropy:
+        fn = fused_logprobs_from_logits() if logits.is_cuda else logprobs_from_logits
+        return fn(logits, labels), logits.new_zeros((), dtype=torch.float32)
+    logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logprobs, logprobs.new_zeros(())
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
         entropy = lse - (probs * logits).sum(-1)

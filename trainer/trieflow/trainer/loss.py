@@ -63,8 +63,9 @@ class LossDenominators:
 
     @staticmethod
     def of(batches: Sequence[PackedBatch]) -> LossDenominators:
-        tokens = sum(int(b.entry_target.numel()) for b in batches)
-        sequences = sum(int((b.sequence_loss_tokens > 0).sum()) for b in batches)
+        """From host-side counts, so no device synchronisation."""
+        tokens = sum(b.loss_tokens for b in batches)
+        sequences = sum(b.loss_sequences for b in batches)
         return LossDenominators(float(max(tokens, 1)), float(max(sequences, 1)))
 
 

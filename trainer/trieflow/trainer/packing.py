@@ -46,6 +46,8 @@ class PackedBatch:
     sequence_loss_tokens: torch.Tensor
     num_tokens: int
     flat_tokens: int
+    loss_tokens: int
+    loss_sequences: int
     rows: int = 1
 
     @property
@@ -190,5 +192,7 @@ def pack_tries(
         sequence_loss_tokens=torch.tensor(cols.sequence_loss_tokens, dtype=torch.long),
         num_tokens=num_tokens,
         flat_tokens=sum(trie.flat_tokens for trie in tries),
+        loss_tokens=len(cols.entry_packed_target),
+        loss_sequences=sum(1 for count in cols.sequence_loss_tokens if count > 0),
         rows=1 if row_length is None else max(len(cols.input_ids) // row_length, 1),
     )

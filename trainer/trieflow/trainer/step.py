@@ -65,12 +65,23 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """Step-level sums of the micro-batches' shares (so means over the flat batch)."""
+    """Step-level sums of the micro-batches' shares (so means over the flat batch).
 
-    loss: float
-    metrics: dict[str, float]
+    Values stay on the device until read, so a step never waits for the GPU.
+    """
+
+    loss_tensor: torch.Tensor
+    metric_tensors: dict[str, torch.Tensor]
     flat_tokens: int
     unique_tokens: int
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {key: float(value) for key, value in self.metric_tensors.items()}
 
     @property
     def dedup_ratio(self) -> float:
@@ -92,7 +103,7 @@ def accumulate_gradients(
     from :func:`score_batches`).
     """
     denominators = LossDenominators.of(batches)
-    total = torch.zeros((), dtype=torch.float64)
+    total: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         mask = build_tree_mask(batch, config.attention, config.block_size)
@@ -107,12 +118,13 @@ def accumulate_gradients(
             current_version=current_version,
         )
         result.loss.backward()  # type: ignore[no-untyped-call]
-        total += result.loss.detach().double().cpu()
+        loss = result.loss.detach().double()
+        total = loss if total is None else total + loss
         for key, value in result.metrics.items():
-            metrics[key] = metrics.get(key, torch.zeros((), dtype=torch.float64)) + value.cpu()
+            metrics[key] = metrics[key] + value.double() if key in metrics else value.double()
     return StepMetrics(
-        loss=float(total),
-        metrics={k: float(v) for k, v in metrics.items()},
+        loss_tensor=torch.zeros((), dtype=torch.float64) if total is None else total,
+        metric_tensors=metrics,
         flat_tokens=sum(b.flat_tokens for b in batches),
         unique_tokens=sum(b.num_tokens for b in batches),
     )
