@@ -39,7 +39,8 @@ class _Choice:
 
 
 def _int_list(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+    # Element types are checked where the ids enter protobuf fields (see build).
+    if not isinstance(value, list):
         raise UnrecordableError(f"{what} missing from vLLM's response")
     return value
 
@@ -92,6 +93,14 @@ class CallRecorder:
 
     def build(self, record: recording_pb2.CallRecord) -> recording_pb2.CallRecord:
         """Fills the token-level part of ``record``; raises when something is missing."""
+        try:
+            return self._build(record)
+        except UnrecordableError:
+            raise
+        except (TypeError, ValueError) as exc:  # a non-integer id, a non-numeric logprob
+            raise UnrecordableError(f"malformed token ids or logprobs from vLLM: {exc}") from None
+
+    def _build(self, record: recording_pb2.CallRecord) -> recording_pb2.CallRecord:
         if not self.choices:
             raise UnrecordableError("vLLM returned no choices")
         shared_prompt = self.prompt_token_ids

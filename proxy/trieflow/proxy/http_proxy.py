@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -42,6 +41,13 @@ from trieflow.proxy.trajectory_manager import (
     TrajectoryManager,
     UnknownEpisodeError,
     WalFullError,
+)
+from trieflow.proxy.upstream_client import (
+    UpstreamConnectError,
+    UpstreamDisconnectedError,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamResponse,
 )
 from trieflow.v1 import recording_pb2
 
@@ -124,7 +130,7 @@ class ProxyError(Exception):
 @dataclass(slots=True)
 class _Upstream:
     replica: Replica
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
 
 
 def _forward_headers(
@@ -142,10 +148,8 @@ def _forward_headers(
     return out
 
 
-def _response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict(
-        (k, v) for k, v in headers.items() if k.lower() not in _RESPONSE_HEADERS_DROPPED
-    )
+def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers if k.lower() not in _RESPONSE_HEADERS_DROPPED)
 
 
 def _bearer(headers: Mapping[str, str]) -> str:
@@ -159,14 +163,14 @@ class AgentProxy:
         *,
         config: ProxyConfig,
         pool: ReplicaPool,
-        session: aiohttp.ClientSession,
+        upstream: UpstreamPool,
         trajectories: TrajectoryManager,
         rollout: RolloutManager,
         metrics: ProxyMetrics,
     ) -> None:
         self.config = config
         self.pool = pool
-        self.session = session
+        self.upstream = upstream
         self.trajectories = trajectories
         self.rollout = rollout
         self.metrics = metrics
@@ -242,8 +246,9 @@ class AgentProxy:
             self.metrics.errors.labels(route, "client_disconnected").inc()
             raise
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe((time.time_ns() - received) / 1e9)
+            per_route = self.metrics.route(route)
+            per_route.answered(status)
+            per_route.request_seconds.observe((time.time_ns() - received) / 1e9)
 
     async def _generation(
         self, request: web.Request, route: str, received: int
@@ -282,7 +287,6 @@ class AgentProxy:
         version_at_start = self.rollout.weight_version
         sent = time.time_ns()
         self.rollout.in_flight_requests += 1
-        self.metrics.in_flight.inc()
         try:
             upstream = await self._open(request.method, request.path_qs, payload, headers, episode)
             try:
@@ -317,16 +321,20 @@ class AgentProxy:
                 upstream.replica.in_flight -= 1
         finally:
             self.rollout.in_flight_requests -= 1
-            self.metrics.in_flight.dec()
 
     async def _whole(
         self,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         ask: ClientAsk,
         episode: Episode,
         record: recording_pb2.CallRecord,
     ) -> web.Response:
-        data = await response.read()
+        try:
+            data = await response.read()
+        except (ConnectionError, TimeoutError) as exc:
+            raise ProxyError(
+                502, f"upstream failed mid-response: {exc}", "upstream_error"
+            ) from None
         record.timings.upstream_done_ns = time.time_ns()
         try:
             doc = orjson.loads(data)
@@ -343,7 +351,7 @@ class AgentProxy:
     async def _stream(
         self,
         request: web.Request,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         ask: ClientAsk,
         episode: Episode,
         record: recording_pb2.CallRecord,
@@ -353,7 +361,7 @@ class AgentProxy:
         recorder = CallRecorder(ask)
         splitter = SseSplitter()
         done = False
-        async for data in response.content.iter_any():
+        async for data in self._body(response):
             pieces: list[bytes] = []
             for event in splitter.feed(data):
                 if event == DONE:
@@ -408,16 +416,17 @@ class AgentProxy:
             ) from None
         await self.trajectories.wal.sync()
         prompt = len(record.prompt_token_ids)
-        self.metrics.tokens.labels("prompt").inc(prompt)
-        self.metrics.tokens.labels("completion").inc(sum(len(c.token_ids) for c in record.choices))
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in record.choices))
 
     def _observe(self, record: recording_pb2.CallRecord) -> None:
         t = record.timings
         done = time.time_ns()
         upstream = max(0, t.upstream_done_ns - t.upstream_sent_ns)
         added = max(0, done - t.received_ns - upstream - t.held_ns)
-        self.metrics.upstream_seconds.labels(record.route).observe(upstream / 1e9)
-        self.metrics.added_seconds.labels(record.route).observe(added / 1e9)
+        per_route = self.metrics.route(record.route)
+        per_route.upstream_seconds.observe(upstream / 1e9)
+        per_route.added_seconds.observe(added / 1e9)
 
     # -- upstream ---------------------------------------------------------------------
 
@@ -435,24 +444,23 @@ class AgentProxy:
         for replica in self.pool.candidates(key):
             for attempt in range(2):  # a pooled keep-alive connection may have gone stale
                 try:
-                    response = await self.session.request(
-                        method, replica.url + path_qs, data=payload, headers=headers
+                    response = await self.upstream.request(
+                        method, replica.url + path_qs, headers, payload
                     )
-                except aiohttp.ClientConnectorError as exc:
-                    errors.append(f"{replica.url}: {exc}")
-                    break
-                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                except UpstreamDisconnectedError as exc:
                     if attempt == 0:
                         continue
-                    errors.append(f"{replica.url}: {type(exc).__name__}: {exc}")
-                    break
+                    errors.append(f"{replica.url}: {exc}")
+                except (UpstreamConnectError, UpstreamProtocolError) as exc:
+                    errors.append(f"{replica.url}: {exc}")
                 except TimeoutError:
                     errors.append(f"{replica.url}: no response within the upstream timeout")
-                    break
-                replica.in_flight += 1
-                if not replica.healthy:
-                    self.pool.mark_healthy(replica)
-                return _Upstream(replica, response)
+                else:
+                    replica.in_flight += 1
+                    if not replica.healthy:
+                        self.pool.mark_healthy(replica)
+                    return _Upstream(replica, response)
+                break
             self.pool.mark_failed(replica, errors[-1])
             self.metrics.replica_healthy.labels(replica.url).set(0)
             self.metrics.failovers.inc()
@@ -460,17 +468,23 @@ class AgentProxy:
             502, "no upstream replica reachable: " + "; ".join(errors), "upstream_error"
         )
 
-    async def _relay(
-        self, request: web.Request, response: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(
-            status=response.status, headers=_response_headers(response.headers)
-        )
+    async def _relay(self, request: web.Request, response: UpstreamResponse) -> web.StreamResponse:
+        headers = _response_headers(response.headers)
+        out = web.StreamResponse(status=response.status, headers=headers)
         await out.prepare(request)
-        async for data in response.content.iter_any():
+        async for data in self._body(response):
             await out.write(data)
         await out.write_eof()
         return out
+
+    async def _body(self, response: UpstreamResponse) -> AsyncIterator[bytes]:
+        """The body as it arrives; an upstream failure mid-way just ends it (the agent
+        sees a cut stream, and nothing of the call is recorded)."""
+        try:
+            async for data in response.iter_any():
+                yield data
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("upstream failed mid-response: %s", exc)
 
     # -- everything else --------------------------------------------------------------
 

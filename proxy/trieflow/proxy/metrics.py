@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Added latency is sub-millisecond when healthy; request latency spans up to minutes.
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _RATIO_BUCKETS = (1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+@dataclass(slots=True)
+class RouteMetrics:
+    """Label children of one route, resolved once (``labels()`` is costly per request)."""
+
+    metrics: ProxyMetrics
+    route: str
+    request_seconds: Histogram
+    upstream_seconds: Histogram
+    added_seconds: Histogram
+    _by_status: dict[int, Counter] = field(default_factory=dict)
+
+    def answered(self, status: int) -> None:
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self.metrics.requests.labels(
+                self.route, str(status)
+            )
+        counter.inc()
 
 
 class ProxyMetrics:
@@ -120,3 +142,19 @@ class ProxyMetrics:
             "Requests retried on another replica after a connection failure",
             registry=r,
         )
+
+        self.prompt_tokens = self.tokens.labels("prompt")
+        self.completion_tokens = self.tokens.labels("completion")
+        self._routes: dict[str, RouteMetrics] = {}
+
+    def route(self, route: str) -> RouteMetrics:
+        found = self._routes.get(route)
+        if found is None:
+            found = self._routes[route] = RouteMetrics(
+                self,
+                route,
+                self.request_seconds.labels(route),
+                self.upstream_seconds.labels(route),
+                self.added_seconds.labels(route),
+            )
+        return found

@@ -140,6 +140,9 @@ class RolloutManager:
         self._pending_version: int | None = None
         self._update_lock = asyncio.Lock()
         metrics.weight_version.set(weight_version)
+        # Read at scrape time: no per-request cost.
+        metrics.in_flight.set_function(lambda: self.in_flight_requests)
+        metrics.held_requests.set_function(lambda: self.held_requests)
 
     # -- agent requests ---------------------------------------------------------------
 
@@ -153,7 +156,6 @@ class RolloutManager:
             return 0
         start = time.monotonic_ns()
         self.held_requests += 1
-        self.metrics.held_requests.inc()
         try:
             async with asyncio.timeout(timeout):
                 await self._open.wait()
@@ -163,7 +165,6 @@ class RolloutManager:
             ) from None
         finally:
             self.held_requests -= 1
-            self.metrics.held_requests.dec()
         return time.monotonic_ns() - start
 
     # -- admission --------------------------------------------------------------------

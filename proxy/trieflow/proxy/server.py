@@ -20,6 +20,7 @@ from trieflow.proxy.metrics import ProxyMetrics
 from trieflow.proxy.replicas import ReplicaPool
 from trieflow.proxy.rollout_manager import RolloutManager
 from trieflow.proxy.trajectory_manager import TrajectoryManager, UnknownEpisodeError
+from trieflow.proxy.upstream_client import UpstreamPool
 from trieflow.proxy.vllm_control import ControlError, VllmControl
 from trieflow.proxy.wal import WriteAheadLog
 from trieflow.v1 import trajectory_pb2
@@ -40,7 +41,8 @@ class ProxyServer:
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: grpc.aio.Server | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # control calls only
+        self._upstream: UpstreamPool | None = None  # the agents' traffic
 
     async def start(self) -> None:
         cfg = self.config
@@ -74,10 +76,11 @@ class ProxyServer:
         )
         stats = self.trajectories.recover()
         log.info("recovered %s from %s", stats, cfg.wal_dir)
+        self._upstream = UpstreamPool(cfg.connect_timeout, cfg.upstream_timeout)
         self.proxy = AgentProxy(
             config=cfg,
             pool=self.pool,
-            session=self._session,
+            upstream=self._upstream,
             trajectories=self.trajectories,
             rollout=self.rollout,
             metrics=self.metrics,
@@ -108,6 +111,8 @@ class ProxyServer:
             await runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self._upstream is not None:
+            self._upstream.close()
         if hasattr(self, "trajectories"):
             self.trajectories.wal.close()
 

@@ -128,6 +128,7 @@ class WriteAheadLog:
         self._segments: list[SegmentInfo] = []
         self._acked: set[str] = set()
         self._fd = -1
+        self._size = 0
         self._sync_lock = asyncio.Lock()
         self._written_generation = 0
         self._synced_generation = 0
@@ -152,6 +153,7 @@ class WriteAheadLog:
                 with path.open("r+b") as handle:  # drop the torn tail before appending
                     handle.truncate(consumed)
             info = SegmentInfo(number, size=consumed)
+            self._size += consumed
             for entry in entries:
                 if entry.kind is RecordKind.DATA:
                     info.data_keys.add(entry.key)
@@ -167,7 +169,8 @@ class WriteAheadLog:
 
     @property
     def size(self) -> int:
-        return sum(s.size for s in self._segments)
+        """Bytes in all segment files (kept as a running total: read on every request)."""
+        return self._size
 
     def append(self, kind: RecordKind, key: str, payload: bytes, *, bounded: bool = True) -> None:
         """Writes one record; on return it survives a crash of this process.
@@ -188,6 +191,7 @@ class WriteAheadLog:
         if written != len(record):  # regular files write fully or raise; be explicit
             raise OSError(f"short write to write-ahead log: {written} of {len(record)}")
         current.size += written
+        self._size += written
         if kind is RecordKind.DATA:
             current.data_keys.add(key)
         else:
@@ -220,6 +224,7 @@ class WriteAheadLog:
             self._path(number).unlink(missing_ok=True)
         if doomed:
             gone = set(doomed)
+            self._size -= sum(s.size for s in self._segments if s.number in gone)
             self._segments = [s for s in self._segments if s.number not in gone]
             still_referenced = set().union(*(s.data_keys | s.ack_keys for s in self._segments))
             self._acked &= still_referenced
@@ -242,7 +247,9 @@ class WriteAheadLog:
             os.close(self._fd)
         self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if not self._segments or self._segments[-1].number != number:
-            self._segments.append(SegmentInfo(number, size=os.fstat(self._fd).st_size))
+            existing = os.fstat(self._fd).st_size
+            self._segments.append(SegmentInfo(number, size=existing))
+            self._size += existing
         if self.fsync:
             dir_fd = os.open(self.directory, os.O_RDONLY)
             try:
