@@ -5,8 +5,9 @@
 # Why from source: Debian 12 ships the full 1.20.2 tree (with vendor/) but no server
 # binaries, and no other registry is reachable. The vendored reflect2 1.0.1 makes the
 # apiserver panic on custom-resource creates under Go 1.19, so Debian's 1.0.2 replaces it,
-# together with Debian's json-iterator 1.1.12 made for it (the vendored 1.1.10 beside
-# reflect2 1.0.2 decodes "" inside lists of custom resources as null).
+# together with Debian's json-iterator 1.1.12 made for it. Under Go >= 1.16 the vendored
+# go-openapi/validate takes "" for null and rejects empty strings in custom resources;
+# the same one-line fix as upstream's (kube-openapi#230, shipped in 1.21) is applied.
 #
 # Usage: build-kube.sh DEST  (binaries land in DEST/bin). Idempotent: exits at once when
 # the binaries are already there.
@@ -70,6 +71,14 @@ for module in github.com/modern-go/reflect2 github.com/json-iterator/go; do
   rsync -a --exclude '*_test.go' --exclude 'go.mod' --exclude 'go.sum' \
     "/usr/share/gocode/src/$module/" "vendor/$module/"
 done
+
+# go-openapi/validate: an empty string is a string, not null (kubernetes#99804).
+validate_go=vendor/github.com/go-openapi/validate/type.go
+perl -pi -e 's/\Qif data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {\E/if data == nil {/' "$validate_go"
+if grep -q 'reflect.DeepEqual(reflect.Zero' "$validate_go"; then
+  echo "build-kube.sh: could not patch the zero-value check in $validate_go" >&2
+  exit 1
+fi
 
 export GOFLAGS=-mod=vendor GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl" \
