@@ -242,7 +242,7 @@ class AgentProxy:
             self.metrics.errors.labels(route, exc.kind).inc()
             return exc.response()
         except ConnectionResetError:
-            status = 499  # the agent went away; nothing of this call is acknowledged
+            status = 499  # the agent went away before its answer started
             self.metrics.errors.labels(route, "client_disconnected").inc()
             raise
         finally:
@@ -358,6 +358,21 @@ class AgentProxy:
     ) -> web.StreamResponse:
         out = web.StreamResponse(headers=_response_headers(response.headers))
         await out.prepare(request)
+        try:
+            await self._pump(out, response, ask, episode, record)
+        except ConnectionResetError:  # the agent left: nothing of this call is acknowledged
+            self.metrics.errors.labels(record.route, "client_disconnected").inc()
+        return out
+
+    async def _pump(
+        self,
+        out: web.StreamResponse,
+        response: UpstreamResponse,
+        ask: ClientAsk,
+        episode: Episode,
+        record: recording_pb2.CallRecord,
+    ) -> None:
+        """Relays the stream chunk by chunk, recording as it goes."""
         recorder = CallRecorder(ask)
         splitter = SseSplitter()
         done = False
@@ -386,14 +401,17 @@ class AgentProxy:
                 await out.write(b"".join(pieces))
         record.timings.upstream_done_ns = time.time_ns()
         if done:
-            # Durable before the agent sees the end of the stream.
-            await self._commit(recorder, episode, record)
-            await out.write(format_event(DONE))
+            try:  # durable before the agent sees the end of the stream
+                await self._commit(recorder, episode, record)
+            except ProxyError as exc:  # headers are sent: report in-stream, withhold [DONE]
+                body = error_body(str(exc), exc.kind, exc.status)
+                await out.write(format_event(orjson.dumps(body)))
+            else:
+                await out.write(format_event(DONE))
         else:
             self.metrics.errors.labels(record.route, "upstream_stream_cut").inc()
         await out.write_eof()
         self._observe(record)
-        return out
 
     async def _commit(
         self, recorder: CallRecorder, episode: Episode, record: recording_pb2.CallRecord
