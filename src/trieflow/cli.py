@@ -51,6 +51,79 @@ def crd() -> None:
     typer.echo(render_crd_yaml(), nl=False)
 
 
+@app.command()
+def operator(  # noqa: PLR0917 (typer maps each option to a parameter)
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--namespace", "-n", help="Watch only these namespaces (globs allowed; repeatable)."
+        ),
+    ] = None,
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace (default).")
+    ] = False,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig (default: in-cluster, then $KUBECONFIG).")
+    ] = None,
+    context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port; 0: off.")] = 8080,
+    liveness: Annotated[
+        str, typer.Option(help="Liveness endpoint URL; empty: off.")
+    ] = "http://0.0.0.0:8081/healthz",
+    peering: Annotated[
+        str | None, typer.Option(help="Kopf peering name for HA replicas (default: standalone).")
+    ] = None,
+    priority: Annotated[
+        int | None, typer.Option(help="Peering priority (default: random, distinct per replica).")
+    ] = None,
+    trainer_image: Annotated[str | None, typer.Option(help="Default trainer image.")] = None,
+    rollout_image: Annotated[str | None, typer.Option(help="Default vLLM image.")] = None,
+    sandbox_image: Annotated[str | None, typer.Option(help="Default sandbox image.")] = None,
+    proxy_image: Annotated[str | None, typer.Option(help="Default proxy sidecar image.")] = None,
+    node_not_ready_grace: Annotated[
+        float, typer.Option(help="Seconds a node may be NotReady before its pods are replaced.")
+    ] = 60.0,
+    resync: Annotated[
+        float, typer.Option(help="Reconcile every job at least this often (s).")
+    ] = 60.0,
+    workers: Annotated[int, typer.Option(help="Jobs reconciled concurrently.")] = 8,
+    log_format: Annotated[str, typer.Option(help="plain or json.")] = "json",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the operator that reconciles RLJobs (Kopf)."""
+    from dataclasses import replace
+
+    from trieflow.operator.config import OperatorConfig
+    from trieflow.operator.runner import run as run_operator
+
+    if namespace and all_namespaces:
+        err.print("[red]--namespace and --all-namespaces exclude each other[/red]")
+        raise typer.Exit(2)
+    default = OperatorConfig()
+    config = replace(
+        default,
+        trainer_image=trainer_image or default.trainer_image,
+        rollout_image=rollout_image or default.rollout_image,
+        sandbox_image=sandbox_image or default.sandbox_image,
+        proxy_image=proxy_image or default.proxy_image,
+        node_not_ready_grace_seconds=node_not_ready_grace,
+        resync_seconds=resync,
+        workers=workers,
+    )
+    run_operator(
+        config=config,
+        namespaces=namespace or (),
+        kubeconfig=str(kubeconfig) if kubeconfig else None,
+        context=context,
+        metrics_port=metrics_port or None,
+        liveness=liveness or None,
+        peering=peering,
+        priority=priority,
+        log_format="plain" if log_format == "plain" else "json",
+        verbose=verbose,
+    )
+
+
 @testenv_app.command("build")
 def build_cmd() -> None:
     """Build (once) and cache the Kubernetes 1.20.2 control-plane binaries."""

@@ -909,6 +909,12 @@ class RoleStatus(_StatusModel):
     selector: str | None = Field(
         default=None, description="Label selector of the role's pods (for the scale subresource)."
     )
+    last_failure_time: Time | None = Field(
+        default=None,
+        description=(
+            "When a pod of this role last failed; the trainer's restart backoff counts from it."
+        ),
+    )
 
 
 class CheckpointStatus(_StatusModel):
