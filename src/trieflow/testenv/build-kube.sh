@@ -7,7 +7,8 @@
 # apiserver panic on custom-resource creates under Go 1.19, so Debian's 1.0.2 replaces it,
 # together with Debian's json-iterator 1.1.12 made for it. Under Go >= 1.16 the vendored
 # go-openapi/validate takes "" for null and rejects empty strings in custom resources;
-# the same one-line fix as upstream's (kube-openapi#230, shipped in 1.21) is applied.
+# the same one-line fix as upstream's (kube-openapi#230, shipped in 1.21) is applied to both
+# vendored copies.
 #
 # Usage: build-kube.sh DEST  (binaries land in DEST/bin). Idempotent: exits at once when
 # the binaries are already there.
@@ -72,13 +73,16 @@ for module in github.com/modern-go/reflect2 github.com/json-iterator/go; do
     "/usr/share/gocode/src/$module/" "vendor/$module/"
 done
 
-# go-openapi/validate: an empty string is a string, not null (kubernetes#99804).
-validate_go=vendor/github.com/go-openapi/validate/type.go
-perl -pi -e 's/\Qif data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {\E/if data == nil {/' "$validate_go"
-if grep -q 'reflect.DeepEqual(reflect.Zero' "$validate_go"; then
-  echo "build-kube.sh: could not patch the zero-value check in $validate_go" >&2
-  exit 1
-fi
+# go-openapi/validate and kube-openapi's copy of it: an empty string is a string, not null
+# (kubernetes#99804).
+for validate_go in vendor/github.com/go-openapi/validate/type.go \
+  vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go; do
+  perl -pi -e 's/\Qif data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {\E/if data == nil {/' "$validate_go"
+  if grep -q 'reflect.DeepEqual(reflect.Zero' "$validate_go"; then
+    echo "build-kube.sh: could not patch the zero-value check in $validate_go" >&2
+    exit 1
+  fi
+done
 
 export GOFLAGS=-mod=vendor GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl" \
