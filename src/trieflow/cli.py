@@ -43,6 +43,17 @@ def run(
         raise typer.Exit(2) from error
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def proxy(ctx: typer.Context) -> None:
+    """Run the trajectory-recording proxy (options: `trieflow proxy --help`)."""
+    from trieflow.proxy.main import main
+
+    raise typer.Exit(main(ctx.args))
+
+
 @app.command()
 def crd() -> None:
     """Print the RLJob CustomResourceDefinition generated from the API model."""
