@@ -139,10 +139,15 @@ class Kube:
         method_, url, header_params, payload, post_params = serialized
         response = await self.api.call_api(method_, url, header_params, payload, post_params)
         data = await response.read()
-        decoded: Any = json.loads(data) if data else {}
+        try:
+            decoded: Any = json.loads(data) if data else {}
+        except ValueError:  # e.g. "404 page not found" for a kind whose CRD is missing
+            decoded = data.decode(errors="replace").strip()
         if not 200 <= response.status < 300:
-            message = decoded.get("message", "") if isinstance(decoded, dict) else str(decoded)
-            reason = decoded.get("reason", "") if isinstance(decoded, dict) else ""
+            if isinstance(decoded, dict):
+                message, reason = decoded.get("message", ""), decoded.get("reason", "")
+            else:
+                message, reason = f"{path} is not served here (is its CRD installed?)", ""
             raise KubeError(response.status, reason or str(response.reason), message)
         return decoded if isinstance(decoded, dict) else {}
 

@@ -478,6 +478,8 @@ class _Pass:
             self.condition(
                 type_, False, "Creating", f"{counts}; {desired - len(members)} to create"
             )
+        elif waiting := sum(not p.scheduled for p in members):
+            self.condition(type_, False, "Pending", f"{counts}; {waiting} waiting for a node")
         else:
             self.condition(type_, False, "NotReady", counts)
 
