@@ -7,9 +7,6 @@ import json
 from typing import Any
 
 import pytest
-
-from trieflow.testenv.commands import Run
-
 from tests.operator.support import (
     DELETE,
     apply,
@@ -23,6 +20,8 @@ from tests.operator.support import (
 from tests.operator.support import (
     wait_job as wait,
 )
+
+from trieflow.testenv.commands import Run
 
 pytestmark = pytest.mark.cluster
 
@@ -127,7 +126,11 @@ def test_semantic_errors_become_invalid_spec_and_create_nothing(
     name = body["metadata"]["name"]
     apply(kubectl, body)  # the schema accepts it
     job = wait(
-        kubectl, namespace, name, "InvalidSpec", has_condition("InvalidSpec", "True", "ValidationFailed")
+        kubectl,
+        namespace,
+        name,
+        "InvalidSpec",
+        has_condition("InvalidSpec", "True", "ValidationFailed"),
     )
     assert message in (condition(job, "InvalidSpec") or {})["message"]
     assert job["status"]["phase"] == "Pending"
