@@ -161,9 +161,9 @@ def test_peered_replicas_hand_over(kubectl: Run, cluster: TestCluster, tmp_path:
     try:
         active.start()
         standby.start()
-        wait_for("the standby pauses", lambda: "Pausing operations" in standby.log.read_text())
         apply(kubectl, example("local-tiny", namespace=namespace))
         wait(kubectl, namespace, JOB, "Ready", has_condition("Ready"))
+        assert samples(active.metrics(), "trieflow_job_info")
         assert samples(standby.metrics(), "trieflow_job_info") == {}  # it stood by
         active.stop(signal.SIGTERM)  # a rolling update: leaves the peering cleanly
         wait_for("the standby resumes", lambda: "Resuming operations" in standby.log.read_text())
@@ -229,12 +229,16 @@ def test_trainer_reports_progress_through_its_own_status_only(
     assert job["status"]["progress"]["lastCheckpoint"]["path"] == "/checkpoints/step-10"
     row = kubectl("-n", namespace, "get", "rlj", JOB).stdout.splitlines()[1].split()
     assert row[1:4] == ["Running", "12", "0.25"]
-    managers = {
-        entry["manager"]: entry.get("subresource")
-        for entry in get_job(kubectl, namespace, JOB)["metadata"]["managedFields"]
+    stored: Any = client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        "trieflow.dev", "v1alpha1", namespace, "rljobs", JOB
+    )
+    owners = {
+        entry["manager"]: json.dumps(entry.get("fieldsV1", {}))
+        for entry in stored["metadata"]["managedFields"]
     }
-    assert "trieflow-trainer" in managers
-    assert "trieflow-operator" in managers
+    assert '"f:progress"' in owners["trieflow-trainer"]
+    assert '"f:progress"' not in owners["trieflow-operator"]
+    assert '"f:conditions"' in owners["trieflow-operator"]
 
     custom = client.CustomObjectsApi(api)
     forbidden: list[Any] = [

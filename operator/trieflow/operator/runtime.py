@@ -95,6 +95,8 @@ class OperatorRuntime:
             settings.watching.label_selectors[selector] = JOB_LABEL
         # Events come from the reconciler, after its status write.
         settings.posting.level = logging.WARNING
+        # Replicas meet in one ClusterKopfPeering whatever namespaces they serve.
+        settings.peering.clusterwide = True
 
     def start(
         self,
