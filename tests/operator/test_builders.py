@@ -108,6 +108,10 @@ def test_trainer_mounts_config_shm_checkpoints_and_model() -> None:
     assert env["NCCL_DEBUG"] == "WARN"
     assert pod["metadata"]["labels"][labels.ATTEMPT_LABEL] == "2"
     assert spec["serviceAccountName"] == "qwen-72b-swe-trainer"
+    assert spec["automountServiceAccountToken"] is False
+    token = volumes["trieflow-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["expirationSeconds"] >= 600
+    assert mounts["trieflow-token"]["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
     assert spec["restartPolicy"] == "Never"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H800"}
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"

@@ -15,8 +15,9 @@ write, or a stale cache) because it only looks at what exists:
 - rollout/sandbox: failed pods are deleted and recreated one by one, pods above the
   replica count are deleted, missing indices are created, within the role's budget.
 
-Pods are created only once every other desired child is observed to exist (so a rollout
-pod never runs before the NetworkPolicy that fences its dev-mode endpoints).
+Pods go last: the executor creates them only after every other planned child was applied
+successfully in the same pass (so a rollout pod never runs before the NetworkPolicy that
+fences its dev-mode endpoints, nor a sandbox before its egress policy).
 """
 
 from __future__ import annotations
@@ -216,8 +217,6 @@ class _Pass:
             self.condition(ConditionType.INVALID_SPEC, False, "SpecAccepted")
         if spec is None:
             return None
-        if accepted is not None and spec is not accepted:
-            self.scaling_events(accepted, spec)
         meta = ObjectMeta(
             name=self.meta["name"],
             namespace=self.meta["namespace"],
@@ -225,14 +224,6 @@ class _Pass:
             generation=self.generation,
         )
         return RLJob(metadata=meta, spec=spec)
-
-    def scaling_events(self, before: RLJobSpec, after: RLJobSpec) -> None:
-        for role, old, new in (
-            (Role.ROLLOUT, before.rollout.replicas, after.rollout.replicas),
-            (Role.SANDBOX, before.sandbox.replicas, after.sandbox.replicas),
-        ):
-            if old != new:
-                self.event("Normal", "Scaled", f"{role} replicas {old} -> {new}")
 
     # ------------------------------------------------------------------ outcomes
 
@@ -306,25 +297,21 @@ class _Pass:
 
     # ------------------------------------------------------------------ running
 
-    def objects_ready(self, job: RLJob) -> bool:
-        """Plan the non-pod children; True when all of them exist as desired already."""
+    def plan_objects(self, job: RLJob) -> None:
+        """Apply the non-pod children that are missing or differ; delete strays."""
         wanted = desired_objects(job, self.config)
-        ready = True
         for manifest in wanted:
             hashed = labels.with_hash(manifest)
             seen = self.observed_child(manifest)
-            if seen is None or seen.deleting:
-                ready = False
-                self.plan.apply.append(hashed)
-            elif seen.spec_hash != hashed["metadata"]["annotations"][labels.HASH_ANNOTATION]:
+            digest = hashed["metadata"]["annotations"][labels.HASH_ANNOTATION]
+            if seen is None or seen.deleting or seen.spec_hash != digest:
                 self.plan.apply.append(hashed)
         names = {(m["kind"], m["metadata"]["name"]) for m in wanted}
         for child in self.children:
             if (child.kind, child.name) not in names and not child.deleting:
                 self.plan.delete.append(Deletion(child.api_version, child.kind, child.name))
-        return ready
 
-    def run_trainer(self, job: RLJob, create: bool) -> str | None:
+    def run_trainer(self, job: RLJob) -> str | None:
         """Trainer group; returns a terminal reason when the job just finished."""
         spec = job.spec
         replicas = spec.trainer.replicas
@@ -400,20 +387,15 @@ class _Pass:
         if waiting:
             self.condition(ConditionType.TRAINER_READY, False, "Restarting", waiting)
             return None
-        if create:
-            for index in range(replicas):
-                if index not in members:
-                    self.plan.create_pods.append(
-                        labels.with_hash(
-                            desired_pod(job, Role.TRAINER, index, attempt, self.config)
-                        )
-                    )
+        for index in range(replicas):
+            if index not in members:
+                self.plan.create_pods.append(
+                    labels.with_hash(desired_pod(job, Role.TRAINER, index, attempt, self.config))
+                )
         self.role_condition(Role.TRAINER, list(members.values()), replicas, ready)
         return None
 
-    def run_pool(
-        self, job: RLJob, role: Role, replicas: int, budget: int, create: bool
-    ) -> str | None:
+    def run_pool(self, job: RLJob, role: Role, replicas: int, budget: int) -> str | None:
         """Rollout or sandbox pods: replace failures one by one, scale to `replicas`."""
         status: RoleStatus = getattr(self.status, role.value)
         pods = self.role_pods(role)
@@ -431,6 +413,10 @@ class _Pass:
                 replaced.append((pod, why))
         members = {p.index: p for p in pods if p.index < replicas}
         ready = sum(p.ready and not p.deleting for p in members.values())
+        before = self.previous_role(role).desired
+        if before and before != replicas:
+            # Once: the status written in this pass records the new count.
+            self.event("Normal", "Scaled", f"{role} replicas {before} -> {replicas}")
         self.set_role(role, replicas, ready)
         if replaced:
             status.restarts = self.previous_role(role).restarts + len(replaced)
@@ -450,12 +436,11 @@ class _Pass:
                 self.event(
                     "Warning", "PodReplaced", f"{role} pod {pod.name} failed: {why}; replacing it"
                 )
-        if create:
-            for index in range(replicas):
-                if index not in members:
-                    self.plan.create_pods.append(
-                        labels.with_hash(desired_pod(job, role, index, 0, self.config))
-                    )
+        for index in range(replicas):
+            if index not in members:
+                self.plan.create_pods.append(
+                    labels.with_hash(desired_pod(job, role, index, 0, self.config))
+                )
         self.role_condition(role, list(members.values()), replicas, ready)
         return None
 
@@ -556,18 +541,18 @@ def plan(body: dict[str, Any], observed: Observed, config: OperatorConfig, now: 
         step.finished(job)
         return step.plan
     if job.spec.suspend:
-        step.objects_ready(job)
+        step.plan_objects(job)
         step.suspended()
         return step.plan
 
-    create = step.objects_ready(job)
+    step.plan_objects(job)
     spec = job.spec
     budgets = spec.failure_policy.max_restarts
-    outcome = step.run_trainer(job, create)
+    outcome = step.run_trainer(job)
     if outcome is None:
-        outcome = step.run_pool(job, Role.ROLLOUT, spec.rollout.replicas, budgets.rollout, create)
+        outcome = step.run_pool(job, Role.ROLLOUT, spec.rollout.replicas, budgets.rollout)
     if outcome is None:
-        outcome = step.run_pool(job, Role.SANDBOX, spec.sandbox.replicas, budgets.sandbox, create)
+        outcome = step.run_pool(job, Role.SANDBOX, spec.sandbox.replicas, budgets.sandbox)
     if outcome is not None:
         # finish() planned the cleanup; nothing planned before it may still be created.
         step.plan.create_pods.clear()

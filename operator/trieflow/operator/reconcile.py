@@ -147,7 +147,7 @@ class Reconciler:
         return _resync(plan.requeue_after, self.config.resync_seconds)
 
     async def execute(self, namespace: str, plan: Plan) -> tuple[Outcome, list[str]]:
-        """Apply, delete and create as planned; (outcome, transient errors)."""
+        """Apply objects, delete, then create pods; (outcome, transient errors)."""
         outcome = Outcome()
         errors: list[str] = []
         transient: list[str] = []
@@ -174,6 +174,9 @@ class Reconciler:
             *(guarded(describe(m), m["kind"], partial(self.kube.apply, m)) for m in plan.apply)
         )
         outcome.applied = sum(applied)
+        # Pods only once every other child exists: their ServiceAccount, their ConfigMap,
+        # and the NetworkPolicies that must fence them before they start.
+        pods = plan.create_pods if all(applied) else []
         deleted = await asyncio.gather(
             *(
                 guarded(f"{d.kind} {d.name}", d.kind, partial(self._delete, namespace, d))
@@ -182,10 +185,7 @@ class Reconciler:
         )
         outcome.deleted = sum(deleted)
         created = await asyncio.gather(
-            *(
-                guarded(describe(m), "Pod", partial(self.kube.create_if_absent, m))
-                for m in plan.create_pods
-            )
+            *(guarded(describe(m), "Pod", partial(self.kube.create_if_absent, m)) for m in pods)
         )
         outcome.created = sum(created)
         outcome.errors = tuple(errors)

@@ -89,6 +89,40 @@ def model_volume(job: RLJob) -> dict[str, Any] | None:
     return {"name": MODEL_VOLUME, **source} if source else None
 
 
+TOKEN_VOLUME = "trieflow-token"
+#: Where client libraries look for in-cluster credentials.
+TOKEN_MOUNT = {
+    "name": TOKEN_VOLUME,
+    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+    "readOnly": True,
+}
+
+
+def token_volume() -> dict[str, Any]:
+    """The service-account credentials kubelet would mount, as a bound, rotating token."""
+    return {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {
+                    "configMap": {
+                        "name": "kube-root-ca.crt",
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                        ]
+                    }
+                },
+            ]
+        },
+    }
+
+
 def desired_trainer_pod(
     job: RLJob, index: int, attempt: int, config: OperatorConfig
 ) -> dict[str, Any]:
@@ -124,6 +158,8 @@ def desired_trainer_pod(
         mounts.append(
             {"name": MODEL_VOLUME, "mountPath": job.spec.model.mount_path, "readOnly": True}
         )
+    volumes.append(token_volume())
+    mounts.append(TOKEN_MOUNT)
     container = {
         "name": "trainer",
         "image": spec.image or config.trainer_image,
@@ -142,8 +178,11 @@ def desired_trainer_pod(
     pod_spec = {
         "hostname": labels.pod_name(name, Role.TRAINER, index),
         "subdomain": labels.service_name(name, Role.TRAINER),
-        # The trainer reports progress into its RLJob's status with this account's token.
+        # The trainer reports progress into its RLJob's status with this account's token:
+        # a projected, expiring one (GA in 1.20), not the legacy never-expiring secret, which
+        # is also why pod admission need not wait for the token controller.
         "serviceAccountName": labels.service_account_name(name),
+        "automountServiceAccountToken": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
