@@ -95,6 +95,7 @@ def assert_trie_equals_flat(
     rng: random.Random,
     *,
     with_old_and_ref: bool = False,
+    attention: AttentionBackend = AttentionBackend.DENSE,
 ) -> None:
     tree_model, flat_model = model_pair()
     # Flat: one sequence at a time through HF's own attention.
@@ -115,7 +116,7 @@ def assert_trie_equals_flat(
     )
     flat_loss.backward()  # type: ignore[no-untyped-call]
 
-    step = StepConfig(loss=config, attention=AttentionBackend.DENSE, lm_head_chunk=7)
+    step = StepConfig(loss=config, attention=attention, lm_head_chunk=7)
     trie = accumulate_gradients(
         tree_model,
         batches,
@@ -183,3 +184,23 @@ def test_ppo_clipping_kl_stale_tokens_and_per_token_advantages(
         max_staleness=1,
     )
     assert_trie_equals_flat(model_pair, sequences, batches, config, rng, with_old_and_ref=True)
+
+
+def test_one_sequence_per_row_with_causal_sdpa(model_pair: ModelPair, rng: random.Random) -> None:
+    """The per-sequence flash baseline of the benchmark computes the same step."""
+    sequences = [s for tree in random_trees(rng, 2) for s in random_advantages(rng, tree, False)]
+    row = max(len(s.tokens) for s in sequences) + 5
+    half = len(sequences) // 2
+    batches = [
+        pack_tries(build_tries(part, share_prefixes=False, first_index=first), row_length=row)
+        for first, part in ((0, sequences[:half]), (half, sequences[half:]))
+    ]
+    assert batches[0].rows == half
+    assert_trie_equals_flat(
+        model_pair,
+        sequences,
+        batches,
+        PolicyLossConfig(aggregation=Aggregation.SEQUENCE_MEAN),
+        rng,
+        attention=AttentionBackend.CAUSAL_ROWS,
+    )

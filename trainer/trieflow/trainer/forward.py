@@ -41,9 +41,13 @@ def packed_hidden_states(model: Any, batch: PackedBatch, tree_mask: TreeMask) ->
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[label]`` per row, in float32."""
-    logits = logits.float()
+    """``log_softmax(logits)[label]`` per row, in float32 or wider."""
+    logits = _at_least_float32(logits)
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -69,7 +73,7 @@ def _chunk_logprobs(
     if not with_entropy:
         fn = fused_logprobs_from_logits() if logits.is_cuda else logprobs_from_logits
         return fn(logits, labels), logits.new_zeros((), dtype=torch.float32)
-    logits = logits.float()
+    logits = _at_least_float32(logits)
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
     with torch.no_grad():
@@ -104,7 +108,7 @@ def lm_head_logprobs(
         logprobs.append(lp)
         entropies.append(ent)
     if not logprobs:
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        empty = _at_least_float32(hidden.new_zeros((0,)))
         return TargetLogprobs(empty, empty if with_entropy else None)
     entropy = torch.cat(entropies).detach() if with_entropy else None
     return TargetLogprobs(torch.cat(logprobs), entropy)

@@ -74,13 +74,17 @@ def aggregation_weights(
     sequence_loss_tokens: torch.Tensor,
     aggregation: Aggregation,
     denominators: LossDenominators,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per-entry weights; over a step they sum to 1 (for any split into micro-batches)."""
     if aggregation is Aggregation.TOKEN_MEAN:
         return torch.full(
-            entry_sequence.shape, 1.0 / denominators.tokens, device=entry_sequence.device
+            entry_sequence.shape,
+            1.0 / denominators.tokens,
+            dtype=dtype,
+            device=entry_sequence.device,
         )
-    per_sequence = sequence_loss_tokens.to(torch.float32).clamp(min=1) * denominators.sequences
+    per_sequence = sequence_loss_tokens.to(dtype).clamp(min=1) * denominators.sequences
     return 1.0 / per_sequence[entry_sequence]
 
 
@@ -186,7 +190,11 @@ def packed_policy_loss(
         current_version=current_version,
     )
     weights = aggregation_weights(
-        batch.entry_sequence, batch.sequence_loss_tokens, config.aggregation, denominators
+        batch.entry_sequence,
+        batch.sequence_loss_tokens,
+        config.aggregation,
+        denominators,
+        dtype=terms.loss.dtype,
     )
     metrics = {
         "clip_fraction": (weights * terms.clipped.float()).sum().detach(),
