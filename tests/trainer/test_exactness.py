@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
-from transformers import Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from trieflow.trainer.attention import register_tree_attention
 from trieflow.trainer.loss import Aggregation, PolicyLossConfig
 from trieflow.trainer.packing import PackedBatch, pack_tries
 from trieflow.trainer.partition import pack_micro_batches
@@ -19,7 +21,7 @@ from trieflow.trainer.synthetic import random_tree
 from trieflow.trainer.trajectory import FlatSequence, TrajectoryTree, tree_to_sequences
 from trieflow.trainer.trie import build_tries, trie_from_tree
 
-ModelPair = Callable[..., tuple[Qwen2ForCausalLM, Qwen2ForCausalLM]]
+ModelPair = Callable[..., tuple[Any, Any]]
 TOLERANCE = 1e-5
 CURRENT_VERSION = 3
 VOCAB = 300  # the tiny model's vocabulary (conftest.tiny_config)
@@ -203,4 +205,30 @@ def test_one_sequence_per_row_with_causal_sdpa(model_pair: ModelPair, rng: rando
         PolicyLossConfig(aggregation=Aggregation.SEQUENCE_MEAN),
         rng,
         attention=AttentionBackend.CAUSAL_ROWS,
+    )
+
+
+def tiny_llama_pair(seed: int) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    def make(attn: str) -> LlamaForCausalLM:
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
+        config._attn_implementation = attn
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+
+    return make(register_tree_attention()), make("sdpa")
+
+
+def test_llama_family_plugs_in_too(seed: int, rng: random.Random) -> None:
+    sequences = [s for tree in random_trees(rng, 2) for s in random_advantages(rng, tree, False)]
+    batches = [pack_tries(build_tries(sequences), pad_to_multiple=16)]
+    assert_trie_equals_flat(
+        lambda: tiny_llama_pair(seed), sequences, batches, PolicyLossConfig(), rng
     )
