@@ -67,7 +67,7 @@ def test_schema_rejects_malformed_manifests_naming_the_field(
     # --validate=false: the apiserver's CRD schema must refuse it, not kubectl's copy.
     result = kubectl("apply", "--validate=false", "-f", "-", stdin=body, check=False)
     assert result.returncode != 0
-    assert f'RLJob.trieflow.dev "{JOB}" is invalid' in result.stderr
+    assert f'RLJob "{JOB}" is invalid' in result.stderr
     assert field in result.stderr, result.stderr
     assert kubectl("-n", namespace, "get", "rljob", JOB, check=False).returncode != 0
 

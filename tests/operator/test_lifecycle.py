@@ -378,43 +378,66 @@ def lost_node(kubectl: Run, cluster: TestCluster) -> Iterator[str]:
 def test_pods_on_a_not_ready_node_are_replaced(
     kubectl: Run, namespace: str, cluster: TestCluster, lost_node: str
 ) -> None:
-    on_gpu = {"nodeSelector": {"kubernetes.io/hostname": lost_node}}
+    prefer_lost = {
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H800"},
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "preference": {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/hostname",
+                                    "operator": "In",
+                                    "values": [lost_node],
+                                }
+                            ]
+                        },
+                    }
+                ]
+            }
+        },
+    }
     run_tiny(
         kubectl,
         namespace,
-        spec__trainer__scheduling={"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H800"}},
-        spec__rollout__scheduling=on_gpu,
+        spec__trainer__scheduling=prefer_lost,
+        spec__rollout__scheduling={"nodeSelector": {"kubernetes.io/hostname": lost_node}},
         spec__rollout__replicas=2,
+        spec__sandbox__scheduling={"nodeSelector": {"trieflow.dev/pool": "sandbox"}},
         spec__failurePolicy=FAST,
     )
-    trainer_node = live_pods(kubectl, namespace, "trainer")[0]["spec"]["nodeName"]
+    assert live_pods(kubectl, namespace, "trainer")[0]["spec"]["nodeName"] == lost_node
     assert cluster.nodes is not None
     kubectl("cordon", lost_node)  # as the node lifecycle controller's taint would
     cluster.nodes.set_node_ready(lost_node, False)
-    # Rollout pods are pinned to the lost node: they are replaced and wait there.
+    # The trainer group restarts on the other H800 node; the rollout pods, pinned to the
+    # lost node, are replaced and wait for it.
     job = wait(
         kubectl,
         namespace,
         JOB,
-        "rollout pods replaced",
-        lambda j: (j.get("status") or {}).get("rollout", {}).get("restarts", 0) >= 2,
+        "trainer restarted elsewhere, rollout pods replaced",
+        lambda j: (
+            has_condition("TrainerReady")(j)
+            and j["status"]["trainer"]["restarts"] == 1
+            and j["status"]["rollout"]["restarts"] == 2
+        ),
     )
-    if trainer_node == lost_node:
-        job = wait(
-            kubectl, namespace, JOB, "trainer restarted elsewhere", has_condition("TrainerReady")
-        )
-        assert job["status"]["trainer"]["restarts"] == 1
-        assert live_pods(kubectl, namespace, "trainer")[0]["spec"]["nodeName"] != lost_node
-    else:
-        assert job["status"]["trainer"]["restarts"] == 0
+    trainer = live_pods(kubectl, namespace, "trainer")[0]
+    assert trainer["spec"]["nodeName"] != lost_node
+    assert trainer["metadata"]["labels"]["trieflow.dev/restart-attempt"] == "1"
     messages = [e["message"] for e in kjson(kubectl, "-n", namespace, "get", "events")["items"]]
     assert any(f"node {lost_node} is NotReady" in m for m in messages)
     wait_for(
-        "replacements pending",
-        lambda: all(
-            not p["spec"].get("nodeName") for p in live_pods(kubectl, namespace, "rollout")
+        "replacements wait for a node",
+        lambda: (
+            all(not p["spec"].get("nodeName") for p in live_pods(kubectl, namespace, "rollout"))
+            and len(live_pods(kubectl, namespace, "rollout")) == 2
         ),
     )
+    assert job["status"]["sandbox"]["restarts"] == 0  # sandboxes on other nodes are untouched
 
 
 # -------------------------------------------------------------------------------- completion
