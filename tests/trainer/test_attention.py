@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from trieflow.trainer.attention import (
@@ -88,6 +89,7 @@ def test_block_mask_from_metadata_matches_the_dense_mask(rng: random.Random) -> 
         assert torch.equal(all_eval, all_dense)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_matches_dense_sdpa(rng: random.Random) -> None:
     batch = random_batch(rng)
     n = batch.padded_tokens

@@ -84,7 +84,7 @@ def perturbed_by_prefix(
         row = []
         for t in range(len(seq.tokens)):
             key = (seq.group_id, *seq.tokens[: t + 1])
-            row.append(float(lp[t]) + noise.setdefault(key, rng.gauss(0.0, 0.3)))
+            row.append(float(lp[t].detach()) + noise.setdefault(key, rng.gauss(0.0, 0.3)))
         out.append(row)
     return out
 
