@@ -12,7 +12,10 @@ exactly as the tests do, then:
    children (observedGeneration, desired counts) and until every job is Running; the
    operator's resident memory is sampled throughout and the peak reported.
 
-    .venv/bin/python bench/operator.py [--repeats 30] [--jobs 100]
+    .venv/bin/python -m bench.operator [--repeats 30] [--jobs 100]
+
+(`-m`, not `python bench/operator.py`: as a script its own name would shadow the standard
+library's `operator` module.)
 
 Prints a table and writes bench/results/operator.json.
 """
@@ -300,7 +303,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": "python bench/operator.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench.operator", *sys.argv[1:]]),
     }
     rows = [
         (

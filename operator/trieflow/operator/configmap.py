@@ -9,11 +9,13 @@ the endpoints the operator derived (rendezvous, rollout replicas, sandbox proxie
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any
 
 import yaml
 
-from trieflow.api import RLJob, dump_rljob
+from trieflow.api import RLJob
 from trieflow.operator import labels, podspec, rollout, sandbox, trainer
 from trieflow.operator.config import OperatorConfig
 from trieflow.operator.labels import JOB_ROLE
@@ -53,10 +55,26 @@ def runtime_endpoints(job: RLJob, config: OperatorConfig) -> dict[str, Any]:
     }
 
 
+_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml(data: Any) -> str:
+    """YAML of plain data (as `dump_rljob` writes it). Every reconcile pass renders the
+    ConfigMap to compare hashes, so the text is cached by its JSON form."""
+    return _yaml_of_json(json.dumps(data))
+
+
+@lru_cache(maxsize=1024)
+def _yaml_of_json(text: str) -> str:
+    # Loaded from JSON, nothing is shared, so libyaml emits no anchors.
+    return str(yaml.dump(json.loads(text), Dumper=_Dumper, sort_keys=False))
+
+
 def desired_config_map(job: RLJob, config: OperatorConfig) -> dict[str, Any]:
     data = {
-        podspec.CONFIG_FILE: dump_rljob(resolved_job(job)),
-        podspec.RUNTIME_FILE: yaml.safe_dump(runtime_endpoints(job, config), sort_keys=False),
+        podspec.CONFIG_FILE: _yaml(resolved_job(job).to_manifest()),
+        podspec.RUNTIME_FILE: _yaml(runtime_endpoints(job, config)),
     }
     if job.spec.model.chat_template is not None:
         data[rollout.CHAT_TEMPLATE_FILE] = job.spec.model.chat_template
@@ -75,7 +93,7 @@ def accepted_spec(data: dict[str, str] | None) -> dict[str, Any] | None:
     if not text:
         return None
     try:
-        loaded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        loaded = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return None
     spec = loaded.get("spec") if isinstance(loaded, dict) else None

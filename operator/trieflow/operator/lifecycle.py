@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 from trieflow.api import (
@@ -36,7 +37,7 @@ from trieflow.api import (
     RLJobStatus,
     RoleStatus,
 )
-from trieflow.operator import configmap, labels, validation
+from trieflow.operator import configmap, labels, podspec, validation
 from trieflow.operator.children import desired_objects, desired_pod
 from trieflow.operator.config import OperatorConfig
 from trieflow.operator.failure import (
@@ -103,6 +104,12 @@ class Plan:
         seconds = max(seconds, 0.0)
         if self.requeue_after is None or seconds < self.requeue_after:
             self.requeue_after = seconds
+
+
+@lru_cache(maxsize=512)
+def _accepted(text: str) -> RLJobSpec | None:
+    """Parsed once per distinct ConfigMap text, not on every pass (callers never mutate it)."""
+    return validation.normalize_accepted(configmap.accepted_spec({podspec.CONFIG_FILE: text}))
 
 
 def _pod_deletion(pod: PodInfo, *, force: bool = False) -> Deletion:
@@ -184,9 +191,9 @@ class _Pass:
             ),
             None,
         )
-        if record is None:
+        if record is None or record.data is None:
             return None
-        return validation.normalize_accepted(configmap.accepted_spec(record.data))
+        return _accepted(record.data.get(podspec.CONFIG_FILE, ""))
 
     def effective_job(self) -> RLJob | None:
         """The job to run: the new spec if acceptable, else the accepted one (or None)."""
