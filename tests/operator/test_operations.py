@@ -90,12 +90,29 @@ def test_liveness_endpoint_answers(operator: OperatorProcess) -> None:
     assert "queue" in json.loads(body)
 
 
-def test_logs_are_structured_json(operator: OperatorProcess) -> None:
+def test_logs_are_structured_json_naming_the_job(
+    kubectl: Run, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(kubectl, example("local-tiny", namespace=namespace))
+    uid = wait(kubectl, namespace, JOB, "Ready", has_condition("Ready"))["metadata"]["uid"]
+    wait_for("the Running log line", lambda: uid in operator.log.read_text())
     lines = [line for line in operator.log.read_text().splitlines() if line.strip()]
-    assert lines
     parsed = json_lines("\n".join(lines))
     assert len(parsed) == len(lines), [line for line in lines if not line.startswith("{")][:3]
     assert all({"message", "severity", "timestamp"} <= set(entry) for entry in parsed)
+    about_job = [
+        entry
+        for entry in parsed
+        if entry.get("object")
+        == {
+            "apiVersion": "trieflow.dev/v1alpha1",
+            "kind": "RLJob",
+            "namespace": namespace,
+            "name": JOB,
+            "uid": uid,
+        }
+    ]
+    assert [entry["reason"] for entry in about_job] == ["Running"]
 
 
 @pytest.fixture

@@ -56,6 +56,22 @@ async def post_events(
 ) -> None:
     """Post best-effort: a lost Event must never fail a reconcile pass."""
     for event in events:
+        log.log(
+            logging.WARNING if event.type == "Warning" else logging.INFO,
+            "%s: %s",
+            event.reason,
+            event.message,
+            extra={
+                "k8s_ref": {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "namespace": job_meta["namespace"],
+                    "name": job_meta["name"],
+                    "uid": job_meta.get("uid"),
+                },
+                "reason": event.reason,
+            },
+        )
         try:
             await kube.create(event_manifest(job_meta, event, now, instance))
         except KubeError as error:
