@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from trieflow.operator.observed import child_info, job_key, node_info, pod_info
+from trieflow.operator.observed import child_info, job_key, node_info, pod_info, rljob_needs_pass
 
 OWNER = [
     {
@@ -140,3 +140,24 @@ def test_child_summary_keeps_hash_and_config_map_data_only() -> None:
     assert child_info(service).data is None
     assert job_key(config) == ("ns", "j")
     assert job_key({"metadata": {"name": "x", "namespace": "ns"}}) is None
+
+
+@pytest.mark.parametrize(
+    ("event", "generation", "observed", "deleting", "expected"),
+    [
+        (None, 3, 3, False, True),  # initial listing, e.g. after an operator restart
+        ("ADDED", 1, None, False, True),
+        ("MODIFIED", 2, 1, False, True),  # a spec change
+        ("MODIFIED", 2, 2, False, False),  # a status write (ours, or progress)
+        ("MODIFIED", 2, 2, True, True),
+        ("DELETED", 2, 2, False, True),
+    ],
+)
+def test_which_rljob_events_need_a_pass(
+    event: str | None, generation: int, observed: int | None, deleting: bool, expected: bool
+) -> None:
+    meta: dict[str, Any] = {"name": "j", "namespace": "ns", "generation": generation}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-23T12:00:00Z"
+    body = {"metadata": meta, "status": {"observedGeneration": observed}}
+    assert rljob_needs_pass(event, body) is expected

@@ -22,6 +22,7 @@ from trieflow.operator.observed import (
     job_key,
     node_info,
     pod_info,
+    rljob_needs_pass,
 )
 from trieflow.operator.podgroup import COSCHEDULING_API, VOLCANO_API
 from trieflow.operator.runtime import OperatorRuntime, runtime_of
@@ -109,8 +110,10 @@ def node_index(*, body: kopf.Body, name: str, **_: Any) -> dict[str, NodeInfo]:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-def rljob_event(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    if namespace is not None:
+def rljob_event(
+    *, type: str | None, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    if namespace is not None and rljob_needs_pass(type, dict(body)):
         runtime_of(memo).enqueue((namespace, name))
 
 

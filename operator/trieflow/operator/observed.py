@@ -154,3 +154,17 @@ def job_key(body: dict[str, Any]) -> tuple[str, str] | None:
     if not job or not namespace:
         return None
     return (namespace, job)
+
+
+def rljob_needs_pass(event_type: str | None, body: dict[str, Any]) -> bool:
+    """Whether an RLJob watch event can change what the operator should do.
+
+    A MODIFIED event whose generation the status already reflects is a status write (the
+    operator's own, or the trainer's progress report, every step): nothing to do. Spec
+    changes bump the generation; listings (None), ADDED and DELETED always count.
+    """
+    if event_type != "MODIFIED":
+        return True
+    meta = body.get("metadata") or {}
+    observed = (body.get("status") or {}).get("observedGeneration")
+    return bool(meta.get("deletionTimestamp")) or observed != meta.get("generation")
