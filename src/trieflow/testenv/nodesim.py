@@ -183,11 +183,8 @@ class NodeSimulator:
 
     def set_node_ready(self, name: str, ready: bool) -> None:
         """Report the node Ready or NotReady, as a kubelet whose runtime broke would."""
-        index, node = self.nodes[name]
         self._ready[name] = ready
-        self.core.patch_node_status(
-            name, {"status": node_status(node, index, ready)}, _content_type=MERGE_PATCH
-        )
+        self._report_node_status(name)
         self._node_changes.put(name)
 
     def fail_pod(self, namespace: str, name: str, exit_code: int = 1) -> None:
@@ -196,6 +193,17 @@ class NodeSimulator:
         self.core.patch_namespaced_pod(name, namespace, patch, _content_type=MERGE_PATCH)
 
     # --- registration and heartbeats ---------------------------------------------------
+
+    def _report_node_status(self, name: str) -> None:
+        """Heartbeat the node's status; conditions keep their last transition time."""
+        index, node = self.nodes[name]
+        status = node_status(node, index, self._ready[name])
+        old = self.core.read_node_status(name).status
+        previous = self.core.api_client.sanitize_for_serialization(old) if old else {}
+        status["conditions"] = _merge_transition_times(
+            status["conditions"], previous.get("conditions")
+        )
+        self.core.patch_node_status(name, {"status": status}, _content_type=MERGE_PATCH)
 
     def _register(self, index: int, node: SimNode) -> None:
         body = {
@@ -286,9 +294,8 @@ class NodeSimulator:
                     self._renew_lease(name)
                 last_lease = clock
             if clock - last_status >= NODE_STATUS_SECONDS:
-                for name, (index, node) in self.nodes.items():
-                    status = node_status(node, index, self._ready[name])
-                    self.core.patch_node_status(name, {"status": status}, _content_type=MERGE_PATCH)
+                for name in self.nodes:
+                    self._report_node_status(name)
                 last_status = clock
             time.sleep(self.tick)
 

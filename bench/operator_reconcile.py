@@ -12,10 +12,7 @@ exactly as the tests do, then:
    children (observedGeneration, desired counts) and until every job is Running; the
    operator's resident memory is sampled throughout and the peak reported.
 
-    .venv/bin/python -m bench.operator [--repeats 30] [--jobs 100]
-
-(`-m`, not `python bench/operator.py`: as a script its own name would shadow the standard
-library's `operator` module.)
+    .venv/bin/python bench/operator_reconcile.py [--repeats 30] [--jobs 100]
 
 Prints a table and writes bench/results/operator.json.
 """
@@ -303,7 +300,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": " ".join(["python -m bench.operator", *sys.argv[1:]]),
+        "command": " ".join(["python bench/operator_reconcile.py", *sys.argv[1:]]),
     }
     rows = [
         (
