@@ -31,7 +31,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def random_sequences(rng: random.Random, trees: int = 4) -> list[FlatSequence]:
     return [
-        dataclasses.replace(seq, advantage=rng.gauss(0.5, 1.0))
+        dataclasses.replace(seq, advantage=rng.gauss(1.0, 0.6))
         for g in range(trees)
         for seq in tree_to_sequences(
             random_tree(rng, VOCAB, max_depth=4, max_children=4, max_span=60, group_id=g)

@@ -116,7 +116,7 @@ def test_pruned_training_equals_training_on_the_kept_subtree(
 ) -> None:
     tree = random_tree(rng, VOCAB, max_depth=4, max_children=3, max_span=8)
     total = sum(len(n.tokens) for n in all_nodes(tree))
-    advantages = [rng.gauss(0.5, 1.0) for _ in leaf_paths(tree)]
+    advantages = [rng.gauss(1.0, 0.6) for _ in leaf_paths(tree)]
     # Room for the root and any one child (children hold at most 8 tokens, >= 1 trained).
     low = max(total // 3, len(tree.root.tokens) + 8)
     budget = min(total, rng.randint(low, max(low, 2 * total // 3)))
