@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,17 +34,13 @@ from typing import Any, cast
 
 import uvloop
 
+from trieflow.testenv.localhost import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "proxy.json"
 PROXY_CORE, HELPER_CORE = 0, 1
 PROMPT_IDS = list(range(100, 164))
 OUTPUT_IDS = list(range(200, 216))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- fake upstream ----------------------------------------------------------------------

@@ -26,17 +26,10 @@ from tests.operator.support import REPO, unique
 from trieflow.api.crd import render_crd_yaml
 from trieflow.testenv.cluster import TestCluster
 from trieflow.testenv.commands import Run
+from trieflow.testenv.localhost import free_port
 from trieflow.testenv.waiting import wait_for
 
 SHARED_NAMESPACES = "op-*"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,24 +20,12 @@ import openai
 import pytest
 
 from trieflow.proxy.client import ProxyClient
+from trieflow.testenv.localhost import free_port, log_tail
 from trieflow.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_START_TIMEOUT = 420.0
 MODEL_NAME = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
 
 
 @pytest.fixture(scope="session")

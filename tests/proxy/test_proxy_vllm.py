@@ -13,9 +13,10 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from tests.proxy.conftest import MODEL_NAME, ProxyFactory, ProxyProcess, Vllm, free_port
+from tests.proxy.conftest import MODEL_NAME, ProxyFactory, ProxyProcess, Vllm
 
 from trieflow.proxy.tree_export import sequence_path
+from trieflow.testenv.localhost import free_port
 from trieflow.v1 import trajectory_pb2
 
 pytestmark = pytest.mark.vllm

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from trieflow.testenv.binaries import KubeBinaries
+from trieflow.testenv.localhost import free_port, log_tail
 from trieflow.testenv.pki import write_pki
 
 SERVICE_CIDR = "10.96.0.0/12"
@@ -35,19 +35,6 @@ STATE_FILE = "state.json"
 
 class ControlPlaneError(RuntimeError):
     """A component failed to start; the message carries the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 @dataclass
@@ -304,14 +291,14 @@ class ControlPlane:
             if not _is_running(record):
                 raise ControlPlaneError(
                     f"{name} exited during start-up; end of {record.log}:\n"
-                    f"{_log_tail(Path(record.log))}"
+                    f"{log_tail(Path(record.log))}"
                 )
             if ready():
                 return
             time.sleep(0.2)
         raise ControlPlaneError(
             f"{name} not ready after {timeout:.0f}s; end of {record.log}:\n"
-            f"{_log_tail(Path(record.log))}"
+            f"{log_tail(Path(record.log))}"
         )
 
 
