@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tests.proxy.conftest import MODEL_NAME, ProxyFactory, ProxyProcess, Vllm
 
 from trieflow.proxy.tree_export import sequence_path
-from trieflow.testenv.localhost import free_port
 from trieflow.v1 import trajectory_pb2
 
 pytestmark = pytest.mark.vllm
@@ -459,24 +459,28 @@ def test_bad_input_gets_clear_errors_and_the_proxy_survives(
 def test_upstream_down_is_a_502_and_failover_finds_a_live_replica(
     vllm: Vllm, start_proxy: ProxyFactory
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    only_dead = start_proxy(dead, extra=("--allow-unrecorded",))
-    response = httpx.post(
-        f"{only_dead.url}/v1/chat/completions",
-        json={"model": MODEL_NAME, "messages": MESSAGES},
-        timeout=30,
-    )
-    assert response.status_code == 502
-    assert "no upstream replica reachable" in response.json()["error"]["message"]
-    assert only_dead.alive()
+    # Bound but never listening: connections are refused, and no other server (a proxy
+    # started below, say) can be handed this port while the test runs.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{holder.getsockname()[1]}"
+        only_dead = start_proxy(dead, extra=("--allow-unrecorded",))
+        response = httpx.post(
+            f"{only_dead.url}/v1/chat/completions",
+            json={"model": MODEL_NAME, "messages": MESSAGES},
+            timeout=30,
+        )
+        assert response.status_code == 502
+        assert "no upstream replica reachable" in response.json()["error"]["message"]
+        assert only_dead.alive()
 
-    both = start_proxy(dead, vllm.url)
-    with both.grpc() as control:
-        sessions = [control.start_episode(f"fo-{i}") for i in range(4)]
-        for s in sessions:  # some sessions prefer the dead replica; all must be answered
-            agent = both.agent(session=s.session_id)
-            chat(agent, model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
-        replicas = {r.url: r.healthy for r in control.status().replicas}
+        both = start_proxy(dead, vllm.url)
+        with both.grpc() as control:
+            sessions = [control.start_episode(f"fo-{i}") for i in range(4)]
+            for s in sessions:  # some sessions prefer the dead replica; all must be answered
+                agent = both.agent(session=s.session_id)
+                chat(agent, model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
+            replicas = {r.url: r.healthy for r in control.status().replicas}
     assert replicas == {dead: False, vllm.url: True}
     metrics = httpx.get(f"{both.admin_url}/metrics").text
     assert "trieflow_proxy_failovers_total 0.0" not in metrics
