@@ -42,6 +42,7 @@ from kubernetes import client, watch
 from trieflow.api import GROUP, PLURAL, VERSION
 from trieflow.api.crd import build_crd
 from trieflow.testenv.cluster import TestCluster
+from trieflow.testenv.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "operator.json"
@@ -115,15 +116,6 @@ def children_seen(watcher: ChildWatcher, job: str) -> bool:
     return len(watcher.seen(job)) >= 15
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float, every: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -173,7 +165,7 @@ def run(repeats: int, jobs: int, workdir: Path) -> dict[str, Any]:
             conditions = (crd.get("status") or {}).get("conditions") or []
             return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
-        wait_until("the RLJob CRD", established, 60)
+        wait_for("the RLJob CRD", established, 60, every=0.02)
         core = client.CoreV1Api(api)
         custom = client.CustomObjectsApi(api)
         for ns in ("bench-latency", "bench-scale"):
@@ -211,7 +203,7 @@ def run(repeats: int, jobs: int, workdir: Path) -> dict[str, Any]:
             body = small_job(name, "bench-latency", sandboxes=2)
             started = time.perf_counter()
             custom.create_namespaced_custom_object(GROUP, VERSION, "bench-latency", PLURAL, body)
-            wait_until(f"{name}'s 15 children", partial(children_seen, watcher, name), 30)
+            wait_for(f"{name}'s 15 children", partial(children_seen, watcher, name), 30, every=0.02)
             latencies.append(max(watcher.seen(name).values()) - started)
             custom.delete_namespaced_custom_object(GROUP, VERSION, "bench-latency", PLURAL, name)
             time.sleep(0.2)
@@ -244,11 +236,11 @@ def run(repeats: int, jobs: int, workdir: Path) -> dict[str, Any]:
             pods = core.list_namespaced_pod("bench-scale", label_selector=JOB_LABEL).items
             return len(pods) == 3 * jobs
 
-        wait_until("all jobs reconciled", all_reconciled, 600, every=0.5)
+        wait_for("all jobs reconciled", all_reconciled, 600, every=0.5)
         reconciled_s = time.perf_counter() - started
-        wait_until("all pods created", pods_created, 600, every=0.5)
+        wait_for("all pods created", pods_created, 600, every=0.5)
         pods_s = time.perf_counter() - started
-        wait_until(
+        wait_for(
             "all jobs Running",
             lambda: all(s.get("phase") == "Running" for s in statuses()),
             900,
