@@ -91,6 +91,10 @@ def test_a_group_without_spread_is_left_alone() -> None:
 def test_invalid_strength_is_rejected() -> None:
     with pytest.raises(ValueError, match="strength"):
         EntropyScalingConfig(enabled=True, strength=1.0)
+    with pytest.raises(ValueError, match="strength"):
+        EntropyScalingConfig(enabled=True, strength=-0.1)
+    with pytest.raises(ValueError, match="min_scale"):
+        EntropyScalingConfig(enabled=True, min_scale=1.5)
     with pytest.raises(ValueError, match="temperature"):
         EntropyScalingConfig(enabled=True, temperature=0.0)
 
@@ -148,3 +152,18 @@ def test_packed_rollout_entropy_and_scaling_equal_flat(
     for batch in scaled:
         per_entry = expected[batch.sequence_index[batch.entry_sequence]]
         torch.testing.assert_close(batch.entry_advantage.double(), per_entry, rtol=1e-5, atol=1e-6)
+
+
+def test_strong_scaling_is_clamped_and_stays_positive(rng: random.Random) -> None:
+    """alpha >= 1 (allowed with min_scale > 0): the clamp keeps every scale in bounds."""
+    config = EntropyScalingConfig(
+        enabled=True, strength=rng.uniform(3.0, 10.0), min_scale=0.5, max_scale=2.0
+    )
+    entropies = torch.rand(64, dtype=torch.float64) * 3
+    groups = torch.randint(0, 4, (64,))
+    scale = entropy_advantage_scale(entropies, groups, config)
+    assert bool((scale >= 0.5).all()) and bool((scale <= 2.0).all())
+    assert float(scale.min()) == 0.5 and float(scale.max()) == 2.0  # strong enough to clamp
+    advantages = torch.randn(64, dtype=torch.float64)
+    scaled = scale_advantages(advantages, entropies, groups, config)
+    assert bool((torch.sign(scaled) == torch.sign(advantages)).all())

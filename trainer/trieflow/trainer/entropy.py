@@ -8,10 +8,11 @@ Scaling (formula also in docs/trainer.md). For rollout ``i`` with entropy ``H_i`
 normalisation set ``G`` (its group, or the whole batch)::
 
     z_i = (H_i - mean_G(H)) / (std_G(H) + eps)
-    s_i = 1 + alpha * tanh(z_i / tau)          alpha in [0, 1), tau > 0
+    s_i = clamp(1 + alpha * tanh(z_i / tau), min_scale, max_scale)     tau > 0
     A'_i = s_i * A_i
 
-``s_i`` lies in ``(1 - alpha, 1 + alpha)``, so the scale is bounded, strictly positive
+``s_i`` lies in ``[max(1 - alpha, min_scale), min(1 + alpha, max_scale)]`` with
+``min_scale > 0`` whenever ``alpha >= 1``, so the scale is bounded, strictly positive
 (the advantage's sign never flips) and exactly 1 when disabled (``alpha = 0`` or
 ``enabled = False``) or when the set has no spread. Exploratory (high-entropy) rollouts
 get a larger step, over-confident ones a smaller one.
@@ -20,6 +21,7 @@ get a larger step, over-confident ones a smaller one.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -62,12 +64,21 @@ class EntropyScalingConfig:
     temperature: float = 1.0
     normalization: EntropyNormalization = EntropyNormalization.GROUP
     eps: float = 1e-6
+    min_scale: float = 0.0
+    max_scale: float = math.inf
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.strength < 1.0:
-            raise ValueError("strength must lie in [0, 1) so the scale stays positive")
+        if self.strength < 0.0:
+            raise ValueError("strength must be non-negative")
+        if self.strength >= 1.0 and self.min_scale <= 0.0:
+            raise ValueError(
+                "strength must lie in [0, 1), or min_scale must be positive, so the scale "
+                "stays positive"
+            )
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
+        if not 0.0 <= self.min_scale <= 1.0 <= self.max_scale:
+            raise ValueError("need 0 <= min_scale <= 1 <= max_scale")
 
 
 def entropy_advantage_scale(
@@ -88,7 +99,8 @@ def entropy_advantage_scale(
     centered = entropies - mean[member_of]
     var = torch.zeros_like(counts).index_add_(0, member_of, centered**2) / counts
     z = centered / (var.sqrt()[member_of] + config.eps)
-    return 1.0 + config.strength * torch.tanh(z / config.temperature)
+    scale = 1.0 + config.strength * torch.tanh(z / config.temperature)
+    return scale.clamp(min=config.min_scale, max=config.max_scale)
 
 
 def scale_advantages(
