@@ -28,8 +28,15 @@ from trieflow.trainer.entropy import (
     with_sequence_scale,
 )
 from trieflow.trainer.forward import DEFAULT_LM_HEAD_CHUNK, TargetLogprobs, target_logprobs
-from trieflow.trainer.loss import LossDenominators, PolicyLossConfig, packed_policy_loss
-from trieflow.trainer.packing import PackedBatch
+from trieflow.trainer.loss import (
+    LossDenominators,
+    PolicyLoss,
+    PolicyLossConfig,
+    packed_policy_loss,
+)
+from trieflow.trainer.packing import PackedBatch, pack_tries
+from trieflow.trainer.trajectory import FlatSequence
+from trieflow.trainer.trie import build_tries
 
 
 class AttentionBackend(StrEnum):
@@ -61,6 +68,70 @@ class StepConfig:
     attention: AttentionBackend = AttentionBackend.DENSE
     lm_head_chunk: int = DEFAULT_LM_HEAD_CHUNK
     block_size: int = DEFAULT_BLOCK_SIZE
+
+
+#: Name of an optional method of the model that runs the packed pass as a forward pass.
+#: :func:`target_logprobs` calls the decoder and reads the LM-head weight outside any module
+#: ``forward``; a wrapper that gathers parameters in forward hooks (FSDP2, see
+#: :func:`trieflow.trainer.distributed.shard_model`) installs this method so the pass runs
+#: inside its hooks. It takes :class:`PackedForwardInputs` and returns
+#: ``(logprobs, entropy or None)``.
+PACKED_FORWARD_METHOD = "trieflow_packed_forward"
+
+
+class PackedForwardInputs:
+    """The inputs of one packed pass, opaque to hooks that walk forward arguments.
+
+    FSDP's root pre-forward moves, and under mixed precision casts, every tensor it finds
+    in the arguments, dataclasses included; a batch's float fields (advantages, logprobs)
+    must keep their dtype, so they travel in this plain object.
+    """
+
+    __slots__ = ("batch", "chunk_size", "tree_mask", "with_entropy")
+
+    def __init__(
+        self, batch: PackedBatch, tree_mask: TreeMask, chunk_size: int, with_entropy: bool
+    ) -> None:
+        self.batch = batch
+        self.tree_mask = tree_mask
+        self.chunk_size = chunk_size
+        self.with_entropy = with_entropy
+
+
+def packed_target_logprobs(
+    model: Any, batch: PackedBatch, config: StepConfig, with_entropy: bool = False
+) -> TargetLogprobs:
+    """One packed pass (layout built once here), through the model's forward method if any."""
+    mask = build_tree_mask(batch, config.attention, config.block_size)
+    forward = getattr(model, PACKED_FORWARD_METHOD, None)
+    if forward is None:
+        return target_logprobs(model, batch, mask, config.lm_head_chunk, with_entropy)
+    logprobs, entropy = forward(
+        PackedForwardInputs(batch, mask, config.lm_head_chunk, with_entropy)
+    )
+    return TargetLogprobs(logprobs, entropy)
+
+
+def padding_batch(config: StepConfig, device: torch.device | str = "cpu") -> PackedBatch:
+    """A two-token micro-batch with one trained token, shaped for ``config``'s attention.
+
+    Ranks of a data-parallel step run it (with zero loss weight) so that every rank runs
+    as many forward and backward passes as the busiest one: sharded models communicate
+    in every pass. It touches every parameter, so every gradient hook fires.
+    """
+    sequence = FlatSequence(
+        tokens=[0, 0], loss_mask=[False, True], rollout_logprobs=[0.0, 0.0], advantage=0.0
+    )
+    tries = build_tries([sequence])
+    if config.attention is AttentionBackend.CAUSAL_ROWS:
+        return pack_tries(tries, row_length=2).to(device)
+    multiple = config.block_size if config.attention is not AttentionBackend.DENSE else 1
+    return pack_tries(tries, pad_to_multiple=multiple).to(device)
+
+
+def _model_device(model: Any) -> torch.device:
+    param = next(iter(model.parameters()))
+    return torch.device(param.device)
 
 
 @dataclass(frozen=True)
@@ -96,27 +167,48 @@ def accumulate_gradients(
     old_logprobs: Sequence[torch.Tensor] | None = None,
     ref_logprobs: Sequence[torch.Tensor] | None = None,
     current_version: int | None = None,
+    denominators: LossDenominators | None = None,
+    micro_batches: int | None = None,
 ) -> StepMetrics:
     """Forward and backward every micro-batch; gradients sum to the flat-batch gradient.
 
     ``old_logprobs``/``ref_logprobs`` are per-target tensors, one per micro-batch (e.g.
-    from :func:`score_batches`).
+    from :func:`score_batches`). A data-parallel step passes the step-wide
+    ``denominators`` of all ranks and ``micro_batches``, the pass count of the busiest
+    rank: this rank then runs zero-weighted :func:`padding_batch` passes up to that count
+    (a micro-batch without trained tokens also runs as one, so its backward is not empty).
     """
-    denominators = LossDenominators.of(batches)
+    if micro_batches is not None and micro_batches < len(batches):
+        raise ValueError(f"micro_batches={micro_batches} < {len(batches)} micro-batches")
+    if denominators is None:
+        denominators = LossDenominators.of(batches)
+    padding: PackedBatch | None = None
     total: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        mask = build_tree_mask(batch, config.attention, config.block_size)
-        targets = target_logprobs(model, batch, mask, config.lm_head_chunk)
+    for i in range(len(batches) if micro_batches is None else micro_batches):
+        if i < len(batches) and batches[i].loss_tokens > 0:
+            batch, weight = batches[i], 1.0
+            old = None if old_logprobs is None else old_logprobs[i]
+            ref = None if ref_logprobs is None else ref_logprobs[i]
+        else:
+            padding = padding or padding_batch(config, _model_device(model))
+            batch, weight, old = padding, 0.0, None
+            # Same metric names as real passes (a rank may have only padding).
+            ref = None if ref_logprobs is None else padding.entry_rollout_logprob.clone()
+        targets = packed_target_logprobs(model, batch, config)
         result = packed_policy_loss(
             batch,
             targets.logprobs,
             config.loss,
             denominators,
-            old_target_logp=None if old_logprobs is None else old_logprobs[i],
-            ref_target_logp=None if ref_logprobs is None else ref_logprobs[i],
+            old_target_logp=old,
+            ref_target_logp=ref,
             current_version=current_version,
         )
+        if weight != 1.0:
+            result = PolicyLoss(
+                result.loss * weight, {k: v * weight for k, v in result.metrics.items()}
+            )
         result.loss.backward()  # type: ignore[no-untyped-call]
         loss = result.loss.detach().double()
         total = loss if total is None else total + loss
@@ -132,19 +224,24 @@ def accumulate_gradients(
 
 @torch.no_grad()
 def score_batches(
-    model: Any, batches: Sequence[PackedBatch], config: StepConfig, with_entropy: bool = True
+    model: Any,
+    batches: Sequence[PackedBatch],
+    config: StepConfig,
+    with_entropy: bool = True,
+    *,
+    micro_batches: int | None = None,
 ) -> list[TargetLogprobs]:
-    """A no-gradient pass: per-target logprobs (old or reference policy) and entropies."""
-    return [
-        target_logprobs(
-            model,
-            batch,
-            build_tree_mask(batch, config.attention, config.block_size),
-            config.lm_head_chunk,
-            with_entropy,
-        )
-        for batch in batches
-    ]
+    """A no-gradient pass: per-target logprobs (old or reference policy) and entropies.
+
+    ``micro_batches`` (data parallel): run padding passes up to that count, as in
+    :func:`accumulate_gradients`; only the real batches' results are returned.
+    """
+    scores = [packed_target_logprobs(model, batch, config, with_entropy) for batch in batches]
+    if micro_batches is not None and micro_batches > len(batches):
+        padding = padding_batch(config, _model_device(model))
+        for _ in range(micro_batches - len(batches)):
+            packed_target_logprobs(model, padding, config, with_entropy)
+    return scores
 
 
 def entropy_scaled_batches(
