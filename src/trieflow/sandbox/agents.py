@@ -104,7 +104,7 @@ def agent_environment(
             "OPENAI_API_KEY": api_key,
             "TRIEFLOW_EPISODE_ID": episode_id,
             "TRIEFLOW_SESSION_ID": session_id,
-            "TRIEFLOW_MODEL": model,
+            "TRIEFLOW_MODEL_NAME": model,
             "TRIEFLOW_MAX_TOKENS": str(max_tokens),
             "TRIEFLOW_TEMPERATURE": str(temperature),
             "TRIEFLOW_WORKDIR": str(workdir),
@@ -218,7 +218,7 @@ def main() -> int:
         try:
             return await demo_conversation(
                 client,
-                model=env["TRIEFLOW_MODEL"],
+                model=env["TRIEFLOW_MODEL_NAME"],
                 messages=json.loads(env["TRIEFLOW_TASK_MESSAGES"]),
                 max_turns=max_turns,
                 max_tokens=int(env.get("TRIEFLOW_MAX_TOKENS", "32")),
