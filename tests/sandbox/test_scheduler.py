@@ -47,3 +47,8 @@ def test_unlimited_until_closed_and_group_labels_are_unique_per_runner() -> None
     assert s.next() is None
     a, b = TaskScheduler(TASKS), TaskScheduler(TASKS)
     assert a.group_prefix != b.group_prefix
+
+
+def test_seed_offsets_round_robin_so_runners_start_on_different_tasks() -> None:
+    ids = [a.task.id for a in drain(TaskScheduler(TASKS, seed=7, max_episodes=6))]
+    assert ids == ["t2", "t3", "t4", "t0", "t1", "t2"]

@@ -185,7 +185,13 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--group-size", ENV_GROUP_SIZE, int, d.group_size, "episodes per task attempt (GRPO)")
     opt("--concurrency", ENV_CONCURRENCY, int, d.concurrency, "episodes at once")
     opt("--max-episodes", ENV_MAX_EPISODES, int, d.max_episodes, "stop after N (0: never)")
-    opt("--seed", ENV_SEED, int, d.seed, "task order seed (random order)")
+    opt(
+        "--seed",
+        ENV_SEED,
+        int,
+        d.seed,
+        "random order's seed; round-robin starts at task SEED mod #tasks",
+    )
     p.add_argument(
         "--order",
         choices=("round-robin", "random"),

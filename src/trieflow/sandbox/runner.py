@@ -80,7 +80,8 @@ class Attempt:
 
 class TaskScheduler:
     """Hands out attempts: ``group_size`` consecutive ones per task, tasks in round-robin
-    or seeded random order (a fresh shuffle per pass over the tasks)."""
+    order (starting at task ``seed % len(tasks)``, so runners given different seeds start
+    on different tasks) or seeded random order (a fresh shuffle per pass over the tasks)."""
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class TaskScheduler:
         self.max_episodes = max_episodes
         self.group_prefix = group_prefix or uuid.uuid4().hex[:8]
         self._rng = random.Random(seed) if order == "random" else None
+        self._offset = 0 if seed is None or order == "random" else seed % len(self.tasks)
         self._order: list[Task] = []
         self._current = self.tasks[0]
         self._issued = 0
@@ -109,7 +111,7 @@ class TaskScheduler:
 
     def _task_for_group(self, group: int) -> Task:
         if self._rng is None:
-            return self.tasks[group % len(self.tasks)]
+            return self.tasks[(group + self._offset) % len(self.tasks)]
         if not self._order:
             self._order = list(self.tasks)
             self._rng.shuffle(self._order)
