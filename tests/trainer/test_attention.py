@@ -12,8 +12,10 @@ from trieflow.trainer.attention import (
     FlexTreeMask,
     block_mask_by_evaluation,
     block_mask_from_subtree_end,
+    default_kernel_options,
     dense_tree_mask,
 )
+from trieflow.trainer.forward import lm_head_logprobs
 from trieflow.trainer.packing import PackedBatch, pack_tries
 from trieflow.trainer.synthetic import random_tree
 from trieflow.trainer.trajectory import tree_to_sequences
@@ -121,3 +123,31 @@ def test_dense_attention_equals_per_sequence_causal_attention(rng: random.Random
             q[:, :, idx], k[:, :, idx], v[:, :, idx], is_causal=True
         )
         torch.testing.assert_close(packed[:, :, idx], alone)
+
+
+def test_hopper_kernel_options_stay_off_the_cpu() -> None:
+    """Tuned Triton tiles are for Hopper GPUs; CPU (and other) inputs keep torch's own."""
+    for dtype in (torch.float32, torch.bfloat16):
+        assert default_kernel_options(torch.zeros(1, 1, 128, 64, dtype=dtype)) is None
+
+
+@pytest.mark.parametrize("keep_chunks", [0, 1, 3])
+def test_lm_head_kept_logits_match_recomputed(seed: int, keep_chunks: int) -> None:
+    """Keeping some chunks' logits for backward changes no logprob and no gradient."""
+    rows, hidden_size, vocab, chunk = 10, 6, 11, 4
+    hidden = torch.randn(rows, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,))
+    upstream = torch.randn(rows, dtype=torch.float64)
+    results = []
+    for keep in (0, keep_chunks * chunk * vocab * 8):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = lm_head_logprobs(h, w, labels, chunk, keep_logits_bytes=keep)
+        (out.logprobs * upstream).sum().backward()  # type: ignore[no-untyped-call]
+        results.append((out.logprobs.detach(), h.grad, w.grad))
+    reference = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(results[0][0], reference)
+    for kept, recomputed in zip(results[1], results[0], strict=True):
+        assert kept is not None
+        assert recomputed is not None
+        torch.testing.assert_close(kept, recomputed)

@@ -2,7 +2,10 @@
 
 The decoder runs once over the packed tokens with tree attention and depth position ids.
 The LM head then runs only on the sources of the targets (the tokens the loss needs), in
-chunks that are recomputed in backward, so ``[T, vocab]`` logits never exist at once.
+chunks. A chunk's logits are kept for backward while they fit in a byte budget; chunks
+past it are recomputed in backward, so ``[T, vocab]`` logits never exceed the budget.
+Keeping saves one of the four LM-head matrix products per row (forward, recompute and the
+two gradient products), the same work in trie and flat packing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from trieflow.trainer.attention import TreeMask
 from trieflow.trainer.packing import PackedBatch
 
 DEFAULT_LM_HEAD_CHUNK = 2048
+DEFAULT_KEEP_LOGITS_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,25 @@ def lm_head_logprobs(
     labels: torch.Tensor,
     chunk_size: int = DEFAULT_LM_HEAD_CHUNK,
     with_entropy: bool = False,
+    *,
+    keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
 ) -> TargetLogprobs:
-    """``log softmax(hidden @ weight.T)[label]`` row by row, in recomputed chunks."""
+    """``log softmax(hidden @ weight.T)[label]`` row by row, in chunks.
+
+    With gradients, chunks whose logits fit in ``keep_logits_bytes`` (in order) keep them
+    for backward; the rest are recomputed there (activation checkpointing per chunk).
+    """
     logprobs, entropies = [], []
-    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if with_entropy:  # this path keeps float32 logits
+        dtype = torch.promote_types(dtype, torch.float32)
+    row_bytes = weight.shape[0] * dtype.itemsize
+    kept = 0
     for start in range(0, labels.numel(), chunk_size):
         rows = slice(start, start + chunk_size)
-        if recompute:
+        chunk_bytes = row_bytes * labels[rows].numel()
+        if grad and kept + chunk_bytes > keep_logits_bytes:
             lp, ent = checkpoint(
                 _chunk_logprobs,
                 hidden[rows],
@@ -104,6 +120,7 @@ def lm_head_logprobs(
                 use_reentrant=False,
             )
         else:
+            kept += chunk_bytes if grad else 0
             lp, ent = _chunk_logprobs(hidden[rows], weight, labels[rows], with_entropy)
         logprobs.append(lp)
         entropies.append(ent)
@@ -120,10 +137,17 @@ def target_logprobs(
     tree_mask: TreeMask,
     chunk_size: int = DEFAULT_LM_HEAD_CHUNK,
     with_entropy: bool = False,
+    *,
+    keep_logits_bytes: int = DEFAULT_KEEP_LOGITS_BYTES,
 ) -> TargetLogprobs:
     """Logprob of every target of ``batch`` given its ancestors (one decoder pass)."""
     hidden = packed_hidden_states(model, batch, tree_mask)
     weight = model.get_output_embeddings().weight
     return lm_head_logprobs(
-        hidden[batch.target_source], weight, batch.target_label, chunk_size, with_entropy
+        hidden[batch.target_source],
+        weight,
+        batch.target_label,
+        chunk_size,
+        with_entropy,
+        keep_logits_bytes=keep_logits_bytes,
     )
