@@ -284,3 +284,26 @@ def test_results_file_has_one_line_per_episode(
     assert sorted(r.group_index for r in lines) == [0, 1, 2]
     assert len({r.group for r in lines}) == 1
     assert summary.as_dict()["pass_rates"] == {"ok": [3, 3]}
+
+
+def test_sigterm_while_waiting_for_the_proxy_exits_at_once(tmp_path: Path) -> None:
+    tasks_file = tmp_path / "tasks.jsonl"
+    tasks_file.write_text(make_task(tmp_path, "ok").model_dump_json() + "\n")
+    argv = [
+        sys.executable, "-m", "trieflow.sandbox", "--tasks", str(tasks_file),
+        "--proxy-grpc", f"127.0.0.1:{free_port()}", "--startup-timeout", "120",
+    ]  # fmt: skip
+    runner = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert runner.poll() is None
+        began = time.monotonic()
+        runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=15)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert runner.returncode == 0, err
+    assert time.monotonic() - began < 5
+    assert "never retrieved" not in err

@@ -330,9 +330,10 @@ class EpisodeRunner:
             await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if not waiting.done():
+        if not waiting.done():  # stopping: give up waiting, quietly
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
             ready.cancel()
-            return  # stopping
+            return
         try:
             waiting.result()
         except grpc.FutureTimeoutError:
