@@ -293,14 +293,22 @@ def distributed_score_batches(
     group: dist.ProcessGroup | None = None,
     with_entropy: bool = True,
 ) -> list[TargetLogprobs]:
-    """:func:`~trieflow.trainer.step.score_batches` with the ranks' pass counts aligned."""
-    return score_batches(
+    """:func:`~trieflow.trainer.step.score_batches` with the ranks' pass counts aligned.
+
+    FSDP2 keeps the root's parameters gathered after a forward with no backward; they are
+    resharded here, so memory is freed and an optimizer step before the next forward
+    cannot leave a stale gathered copy in use.
+    """
+    scores = score_batches(
         model,
         batches,
         config,
         with_entropy,
         micro_batches=global_step_shape(batches, group).micro_batches,
     )
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    return scores
 
 
 def _check_same_keys(keys: Sequence[str], group: dist.ProcessGroup | None) -> None:
