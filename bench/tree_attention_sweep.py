@@ -40,17 +40,21 @@ from bench.trie_training import (
 )
 from torch.nn.attention.flex_attention import flex_attention
 
-from trieflow.trainer.attention import (
-    HOPPER_KERNEL_OPTIONS,
-    block_mask_from_subtree_end,
-    expand_kv_heads,
-)
+from trieflow.trainer.attention import block_mask_from_subtree_end, expand_kv_heads
 from trieflow.trainer.forward import lm_head_logprobs
 from trieflow.trainer.packing import PackedBatch
 from trieflow.trainer.step import AttentionBackend, accumulate_gradients
 from trieflow.trainer.synthetic import agentic_tree
 from trieflow.trainer.trajectory import tree_to_sequences
 
+HOPPER_KERNEL_OPTIONS: dict[str, Any] = {  # the autotuner's forward pick, TMA, no row guard
+    "fwd_BLOCK_M": 64,
+    "fwd_BLOCK_N": 64,
+    "fwd_num_stages": 3,
+    "fwd_num_warps": 4,
+    "fwd_USE_TMA": True,
+    "ROWS_GUARANTEED_SAFE": True,
+}
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "torch_default": {},
     "hopper": HOPPER_KERNEL_OPTIONS,

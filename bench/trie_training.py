@@ -35,11 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trieflow.trainer.attention import (
-    FlexTreeMask,
-    default_kernel_options,
-    register_tree_attention,
-)
+from trieflow.trainer.attention import FlexTreeMask, register_tree_attention
 from trieflow.trainer.forward import DEFAULT_KEEP_LOGITS_BYTES
 from trieflow.trainer.loss import PolicyLossConfig
 from trieflow.trainer.packing import PackedBatch, pack_tries
@@ -361,15 +357,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if device.type == "cuda":
             print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    probe = torch.empty(
-        1, 1, 1, cfg.hidden_size // cfg.num_attention_heads, device=device, dtype=dtype
-    )
     result = {
         "device": name,
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
-        "flex_kernel_options": default_kernel_options(probe),
+        "flex_kernel_options": None,  # torch's own tiles (bench/tree_attention_sweep.py)
         "lm_head_keep_logits_bytes": DEFAULT_KEEP_LOGITS_BYTES,
         "rows": rows,
     }

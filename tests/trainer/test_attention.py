@@ -12,7 +12,6 @@ from trieflow.trainer.attention import (
     FlexTreeMask,
     block_mask_by_evaluation,
     block_mask_from_subtree_end,
-    default_kernel_options,
     dense_tree_mask,
 )
 from trieflow.trainer.forward import lm_head_logprobs
@@ -123,12 +122,6 @@ def test_dense_attention_equals_per_sequence_causal_attention(rng: random.Random
             q[:, :, idx], k[:, :, idx], v[:, :, idx], is_causal=True
         )
         torch.testing.assert_close(packed[:, :, idx], alone)
-
-
-def test_hopper_kernel_options_stay_off_the_cpu() -> None:
-    """Tuned Triton tiles are for Hopper GPUs; CPU (and other) inputs keep torch's own."""
-    for dtype in (torch.float32, torch.bfloat16):
-        assert default_kernel_options(torch.zeros(1, 1, 128, 64, dtype=dtype)) is None
 
 
 @pytest.mark.parametrize("keep_chunks", [0, 1, 3])

@@ -17,7 +17,6 @@ Hugging Face decoder layers pass through untouched, so no model code is forked.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -29,44 +28,6 @@ from transformers import AttentionInterface
 
 ATTENTION_NAME = "trieflow_tree"
 DEFAULT_BLOCK_SIZE = 128
-
-# FlexAttention options on Hopper (H100, head dim 128, bf16; bench/tree_attention_sweep.py).
-# Inductor's autotuner ranked a 64 x 64 forward tile first on tree and document masks
-# (its default is 128 x 64 with 8 warps); the tensor-memory-accelerator loads made the
-# forward 4-7% faster; the backward's default tiles were already the fastest. Every row of
-# a tree mask sees at least itself, so the fully-masked-row guard can go.
-HOPPER_KERNEL_OPTIONS: dict[str, Any] = {
-    "fwd_BLOCK_M": 64,
-    "fwd_BLOCK_N": 64,
-    "fwd_num_stages": 3,
-    "fwd_num_warps": 4,
-    "fwd_USE_TMA": True,
-    "ROWS_GUARANTEED_SAFE": True,
-}
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def default_kernel_options(
-    query: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
-) -> dict[str, Any] | None:
-    """FlexAttention ``kernel_options`` for tree masks over ``query`` (None: torch's own).
-
-    The Hopper options were measured for 16-bit inputs with head dim up to 128 and mask
-    blocks that the 64-row tile divides; anything else keeps torch's choices.
-    """
-    if (
-        query.is_cuda
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and query.shape[-1] <= 128
-        and block_size % 64 == 0
-        and _capability(query.device) == (9, 0)
-    ):
-        return dict(HOPPER_KERNEL_OPTIONS)
-    return None
 
 
 class TreeMask(Protocol):
@@ -226,8 +187,9 @@ def compiled_flex_attention() -> Callable[..., Any]:
 class FlexTreeMask:
     """Tree attention through FlexAttention (compiled unless ``compiled=False``).
 
-    ``kernel_options=None`` takes :func:`default_kernel_options` for the inputs' device;
-    ``{}`` keeps torch's own choices.
+    ``kernel_options=None`` keeps torch's own tiles: on an H100 no option set measured in
+    bench/tree_attention_sweep.py (64 x 64 forward tiles, TMA loads, rows guaranteed safe)
+    beat them on both tree and document masks by more than run-to-run noise.
     """
 
     block_mask: BlockMask
@@ -251,9 +213,6 @@ class FlexTreeMask:
         fn = compiled_flex_attention() if self.compiled else _eager_flex
         if self.expand_kv:
             key, value = expand_kv_heads(key, value, query.shape[1])
-        options = self.kernel_options
-        if options is None and self.compiled:
-            options = default_kernel_options(query, min(self.block_mask.BLOCK_SIZE))
         out = fn(
             query,
             key,
@@ -261,7 +220,7 @@ class FlexTreeMask:
             block_mask=self.block_mask,
             scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],
-            kernel_options=options,
+            kernel_options=self.kernel_options,
         )
         assert isinstance(out, torch.Tensor)
         return out
