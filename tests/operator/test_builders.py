@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -258,12 +259,18 @@ def test_sandbox_agent_reaches_the_model_only_through_its_proxy() -> None:
     pod = sandbox.desired_sandbox_pod(big(), 3, CONFIG)
     agent, proxy = containers_by_name(pod)["agent"], containers_by_name(pod)["proxy"]
     assert env_of(agent)["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"
-    assert agent["command"] == ["python", "-m", "swe_agent.run"]
-    assert agent["args"] == ["--max-turns=60"]
-    assert agent["workingDir"] == "/workspace"
+    assert agent["command"] == ["python3", "-m", "trieflow.sandbox"]  # the episode runner
+    env = env_of(agent)
+    assert json.loads(env["TRIEFLOW_AGENT_COMMAND"]) == [
+        "python", "-m", "swe_agent.run", "--max-turns=60"
+    ]  # fmt: skip
+    assert env["TRIEFLOW_PROXY_GRPC"] == "127.0.0.1:50051"
+    assert env["TRIEFLOW_WORKDIR"] == agent["workingDir"] == "/workspace"
+    assert int(env["TRIEFLOW_GROUP_SIZE"]) == big().spec.algorithm.group_size
     args = proxy["args"]
     assert args[args.index("--upstream") + 1] == "http://qwen-72b-swe-rollout.team-b.svc:8000"
-    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--host") + 1] == "127.0.0.1"  # the agent's port: loopback only
+    assert args[args.index("--service-host") + 1] == "0.0.0.0"  # trainer intake, metrics
     assert args[args.index("--port") + 1] == "8080"
     assert args[args.index("--grpc-port") + 1] == "50051"
     assert args[args.index("--max-staleness") + 1] == "2"

@@ -20,6 +20,8 @@ from trieflow.operator.rollout import service_url
 
 TASKS_VOLUME = "tasks"
 WAL_DIR = "/var/lib/trieflow/wal"
+#: The agent container's program: trieflow's episode runner (`trieflow.sandbox`).
+RUNNER_COMMAND = ("python3", "-m", "trieflow.sandbox")
 
 
 def desired_sandbox_service(job: RLJob, config: OperatorConfig) -> dict[str, Any]:
@@ -62,9 +64,16 @@ def _agent_env(job: RLJob, index: int) -> list[dict[str, Any]]:
         "TRIEFLOW_REWARD_TIMEOUT_SECONDS": str(sandbox.timeouts.reward_seconds),
         "TRIEFLOW_SUCCESS_REWARD": str(sandbox.reward.success_reward),
         "TRIEFLOW_FAILURE_REWARD": str(sandbox.reward.failure_reward),
+        # The episode runner (the container's program) talks to its proxy's gRPC port.
+        "TRIEFLOW_PROXY_GRPC": f"127.0.0.1:{ports.grpc}",
+        "TRIEFLOW_GROUP_SIZE": str(job.spec.algorithm.group_size),
+        "TRIEFLOW_WORKDIR": sandbox.agent.working_dir or "/workspace",
+        "TRIEFLOW_MODEL_NAME": job.spec.model.name,
     }
     if sandbox.agent.harness is not None:
         values["TRIEFLOW_AGENT_HARNESS"] = sandbox.agent.harness
+    if sandbox.agent.command is not None:
+        values["TRIEFLOW_AGENT_COMMAND"] = json.dumps([*sandbox.agent.command, *sandbox.agent.args])
     if sandbox.reward.command is not None:
         values["TRIEFLOW_REWARD_COMMAND"] = json.dumps(sandbox.reward.command)
     return [
@@ -98,6 +107,9 @@ def _agent_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str
         "name": "agent",
         "image": sandbox.image or config.sandbox_image,
         "imagePullPolicy": config.image_pull_policy,
+        # The episode runner starts episodes, runs the agent (built-in harness or the
+        # spec's command, see TRIEFLOW_AGENT_COMMAND) per episode and scores it.
+        "command": list(RUNNER_COMMAND),
         "env": _agent_env(job, index),
         "resources": dict(sandbox.resources or config.sandbox_default_resources),
         "volumeMounts": mounts,
@@ -105,10 +117,6 @@ def _agent_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str
             uid=config.sandbox_uid, read_only_root=sandbox.read_only_root_filesystem
         ),
     }
-    if sandbox.agent.command is not None:
-        container["command"] = list(sandbox.agent.command)
-    if sandbox.agent.args:
-        container["args"] = list(sandbox.agent.args)
     if sandbox.agent.working_dir is not None:
         container["workingDir"] = sandbox.agent.working_dir
     return container
@@ -127,9 +135,12 @@ def _proxy_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str
             service_url(job, config),
             "--wal-dir",
             WAL_DIR,
-            # The OpenAI port is for the agent beside it only.
+            # The OpenAI port is for the agent beside it only; gRPC (trainer intake) and
+            # metrics must be reachable from the job's pods (see network.py).
             "--host",
             "127.0.0.1",
+            "--service-host",
+            "0.0.0.0",
             "--port",
             str(ports.http),
             "--grpc-port",

@@ -14,7 +14,10 @@ from trieflow.proxy.rollout_manager import AdmissionPolicy
 class ProxyConfig:
     upstreams: tuple[str, ...]
     wal_dir: Path
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the agents' OpenAI endpoint binds here
+    #: gRPC and admin (metrics, health) bind here; None: ``host``. In a sandbox pod the
+    #: trainer, kubelet probes and Prometheus reach these from outside the pod.
+    service_host: str | None = None
     port: int = 8080  # agents' OpenAI endpoint; 0 picks a free port
     admin_port: int = 9090  # /metrics and /healthz; keep off the agents' network
     grpc_port: int = 50051  # TrajectoryService, RolloutControl, EpisodeService
@@ -51,7 +54,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         help="vLLM replica base URL (repeat for several)",
     )
     p.add_argument("--wal-dir", type=Path, required=True, help="write-ahead log directory")
-    p.add_argument("--host", default=d.host)
+    p.add_argument("--host", default=d.host, help="bind address of the agents' OpenAI port")
+    p.add_argument(
+        "--service-host",
+        default=None,
+        help="bind address of the gRPC and admin ports (default: --host)",
+    )
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--admin-port", type=int, default=d.admin_port)
     p.add_argument("--grpc-port", type=int, default=d.grpc_port)
@@ -98,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         upstreams=tuple(a.upstream),
         wal_dir=a.wal_dir,
         host=a.host,
+        service_host=a.service_host,
         port=a.port,
         admin_port=a.admin_port,
         grpc_port=a.grpc_port,

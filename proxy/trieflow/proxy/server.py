@@ -85,12 +85,13 @@ class ProxyServer:
             rollout=self.rollout,
             metrics=self.metrics,
         )
-        self.port = await self._serve(agent_app(self.proxy, cfg.max_body_bytes), cfg.port)
+        service_host = cfg.service_host or cfg.host
+        self.port = await self._serve(agent_app(self.proxy, cfg.max_body_bytes), cfg.host, cfg.port)
         if cfg.admin_port >= 0:
-            self.admin_port = await self._serve(self._admin_app(), cfg.admin_port)
+            self.admin_port = await self._serve(self._admin_app(), service_host, cfg.admin_port)
         self._grpc = grpc.aio.server()
         add_services(self._grpc, self.rollout, self.trajectories, self.metrics)
-        self.grpc_port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        self.grpc_port = self._grpc.add_insecure_port(f"{service_host}:{cfg.grpc_port}")
         await self._grpc.start()
         await self._adopt_replica_version()
         self._tasks = [
@@ -118,10 +119,10 @@ class ProxyServer:
 
     # -- pieces -----------------------------------------------------------------------
 
-    async def _serve(self, app: web.Application, port: int) -> int:
+    async def _serve(self, app: web.Application, host: str, port: int) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
         self._runners.append(runner)
         return int(runner.addresses[-1][1])
