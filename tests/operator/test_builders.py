@@ -220,6 +220,19 @@ def test_rollout_pod_has_dev_mode_health_probes_and_no_token() -> None:
     )
 
 
+def test_rollout_pods_read_exported_weights_from_the_shared_checkpoint_volume() -> None:
+    pod = rollout.desired_rollout_pod(big(), 0, CONFIG)
+    mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert mounts["checkpoints"] == {
+        "name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True
+    }  # fmt: skip
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "qwen-72b-checkpoints"
+    # Without a shared volume (an emptyDir per pod) there is nothing to share: no mount.
+    local = rollout.desired_rollout_pod(tiny(), 0, CONFIG)
+    assert "checkpoints" not in {v["name"] for v in local["spec"]["volumes"]}
+
+
 def test_rollout_services_balance_and_name_replicas() -> None:
     job = tiny()
     balanced = rollout.desired_rollout_service(job, CONFIG)

@@ -14,7 +14,12 @@ from trieflow.api import RLJob
 from trieflow.operator import labels, podspec
 from trieflow.operator.config import OperatorConfig
 from trieflow.operator.labels import Role
-from trieflow.operator.trainer import MODEL_VOLUME, model_volume
+from trieflow.operator.trainer import (
+    CHECKPOINT_VOLUME,
+    MODEL_VOLUME,
+    checkpoint_volume,
+    model_volume,
+)
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -101,6 +106,13 @@ def desired_rollout_pod(job: RLJob, index: int, config: OperatorConfig) -> dict[
     if volume is not None:
         volumes.append(volume)
         mounts.append({"name": MODEL_VOLUME, "mountPath": model.mount_path, "readOnly": True})
+    checkpoints = job.spec.trainer.checkpoint
+    if checkpoints.volume is not None:
+        # The trainer exports each weight version under the checkpoint path; engines that
+        # reload from disk (CPU replicas, or any replica without NCCL transfer) read the
+        # same path from the same (shared) volume, read-only.
+        volumes.append(checkpoint_volume(job))
+        mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": checkpoints.path, "readOnly": True})
     container = {
         "name": "vllm",
         "image": rollout.image or config.rollout_image,
