@@ -140,6 +140,12 @@ def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def cosine(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    a = torch.cat([got[k].double().flatten() for k in sorted(want)])
+    b = torch.cat([want[k].double().flatten() for k in sorted(want)])
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
 # ---------------------------------------------------------------- the cases
 
 
@@ -153,6 +159,12 @@ class Case:
     #: Rank of each micro-batch (batch ``i`` goes to ``ranks[i % len(ranks)]``).
     ranks: tuple[int, ...]
     with_old_and_ref: bool
+    #: FSDP2 mixed precision: compute dtype (float32 master weights, float32 reduction).
+    param_dtype: torch.dtype | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.param_dtype is None
 
 
 CASES = (
@@ -160,6 +172,8 @@ CASES = (
     Case("token_mean_untied", Aggregation.TOKEN_MEAN, False, (0, 1, 0), False),
     # Rank 1 gets nothing at all; PPO clipping, KL and stale tokens on rank 0's batches.
     Case("sequence_mean_tied_ppo", Aggregation.SEQUENCE_MEAN, True, (0,), True),
+    # bfloat16 compute, float32 masters and reduction: close to the float32 step.
+    Case("bf16_compute", Aggregation.TOKEN_MEAN, True, (0, 1), False, torch.bfloat16),
 )
 
 
@@ -208,7 +222,7 @@ def run_case_on_rank(seed: int, case: Case, mesh: Any) -> dict[str, Any]:
     rank = dist.get_rank()
     batches, old, ref = case_inputs(seed, case)
     model = tiny_model(seed, tied=case.tied)
-    shard_model(model, mesh)
+    shard_model(model, mesh, param_dtype=case.param_dtype)
     config = case_config(case)
     mine = rank_share(batches, case, rank)
     assert mine is not None
@@ -305,6 +319,11 @@ def test_two_rank_fsdp_step_equals_one_process_on_all_batches(seed: int, tmp_pat
     for case in CASES:
         got, want = results["cases"][case.name], reference_step(seed, case)
         metrics = want["metrics"]
+        if not case.exact:
+            assert abs(got["metrics"]["loss"] - metrics.loss) <= 2e-2 * abs(metrics.loss)
+            assert cosine(got["grads"], want["grads"]) > 0.999
+            assert all(g.dtype == torch.float32 for g in got["grads"].values())
+            continue
         assert got["metrics"]["flat_tokens"] == metrics.flat_tokens
         assert got["metrics"]["unique_tokens"] == metrics.unique_tokens
         assert abs(got["metrics"]["loss"] - metrics.loss) <= TOLERANCE * abs(metrics.loss)

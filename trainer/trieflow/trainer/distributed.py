@@ -181,6 +181,24 @@ def _packed_forward(
     return result.logprobs, result.entropy
 
 
+def _sum_gradients(module: FSDPModule) -> None:
+    """Reduce this group's gradients as a plain sum over ranks.
+
+    A divide factor of 1 alone makes FSDP2 use ``PREMUL_SUM(1)`` for float32, which only
+    NCCL has; forcing sum-only collectives gives ``SUM`` with no scaling on every backend.
+    (Both setters exist from torch 2.8; older releases named the first one
+    ``set_reduce_scatter_divide_factor``.)
+    """
+    set_factor = (
+        getattr(module, "set_gradient_divide_factor", None)
+        or module.set_reduce_scatter_divide_factor
+    )
+    set_factor(1.0)
+    force_sum = getattr(module, "set_force_sum_reduction_for_comms", None)
+    if force_sum is not None:
+        force_sum(True)
+
+
 def shard_model(
     model: ModelT,
     mesh: DeviceMesh,
@@ -205,9 +223,7 @@ def shard_model(
     # Global denominators make each rank's gradient a share of the step gradient: sum them.
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            if hasattr(module, "set_force_sum_reduction_for_comms"):
-                module.set_force_sum_reduction_for_comms(True)
+            _sum_gradients(module)
     setattr(model, PACKED_FORWARD_METHOD, types.MethodType(_packed_forward, model))
     register_fsdp_forward_method(model, PACKED_FORWARD_METHOD)
     return model
