@@ -37,6 +37,7 @@ from trieflow.trainer.distributed import (
     distributed_accumulate_gradients,
     distributed_score_batches,
     init_distributed,
+    is_main_process,
     reduce_step_metrics,
     shard_model,
 )
@@ -280,6 +281,7 @@ def worker_step(seed: int, out: Path) -> None:
     assert env.local_world_size == 2
     mesh = init_distributed(env, timeout=COLLECTIVE_TIMEOUT)
     try:
+        assert is_main_process() == env.is_main == (dist.get_rank() == 0)
         results = {case.name: run_case_on_rank(seed, case, mesh) for case in CASES}
         # Ranks that reduce different metric names get an error, not wrong sums.
         names = {"a": 1.0} if env.rank == 0 else {"b": 1.0}
