@@ -139,6 +139,9 @@ class RolloutManager:
         self._paused_total = 0.0
         self._pending_version: int | None = None
         self._update_lock = asyncio.Lock()
+        # Per replica: the last folder a reload from this proxy loaded, to restore after a
+        # failed reload (see _restore).
+        self._good_paths: dict[str, str] = {}
         metrics.weight_version.set(weight_version)
         # Read at scrape time: no per-request cost.
         metrics.in_flight.set_function(lambda: self.in_flight_requests)
@@ -253,24 +256,36 @@ class RolloutManager:
     ) -> UpdateResult:
         """Pause (keep) -> reload -> set version -> resume, on every replica.
 
-        Always resumes. Replicas where a step failed are quarantined (no new sessions)
-        until a later update succeeds on them; the result lists every step.
+        Always resumes. A replica whose reload failed is first restored to its last good
+        weights (``restore_weights``); replicas where a step failed and were not restored
+        are quarantined (no new sessions) until a later update succeeds on them; the result
+        lists every step.
         """
         if new_version <= self.weight_version:
             raise ValueError(f"new version {new_version} must exceed {self.weight_version}")
         timeout = step_timeout or self.step_timeout
         async with self._update_lock:
             steps: list[StepResult] = []
+            restored: set[str] = set()
             self._close_gate()
             try:
                 steps += await self._on_all(
                     "pause", lambda url: self.control.pause(url, self.pause_mode, timeout)
                 )
                 if all(s.ok for s in steps) and source is WeightSource.RELOAD_FROM_DISK:
-                    steps += await self._on_all(
+                    reloads = await self._on_all(
                         "reload_weights",
                         lambda url: self.control.reload_weights(url, weights_path, timeout),
                     )
+                    steps += reloads
+                    for s in reloads:
+                        if s.ok and weights_path:
+                            self._good_paths[s.replica] = weights_path
+                    failed_reloads = [s.replica for s in reloads if not s.ok]
+                    if failed_reloads:
+                        restores = await self._restore(failed_reloads, timeout)
+                        steps += restores
+                        restored = {s.replica for s in restores if s.ok}
                 if all(s.ok for s in steps):
                     steps += await self._on_all(
                         "update_weight_version",
@@ -286,7 +301,8 @@ class RolloutManager:
                 steps += resumed
                 self._open_gate()
             ok = all(s.ok for s in steps)
-            failed = {s.replica for s in steps if not s.ok}
+            # A replica restored to its previous weights serves the old version soundly.
+            failed = {s.replica for s in steps if not s.ok} - restored
             for replica in self.pool:
                 replica.quarantined = replica.url in failed
                 if replica.quarantined:
@@ -306,6 +322,35 @@ class RolloutManager:
             self._set_local_version(version)
 
     # -- internals --------------------------------------------------------------------
+
+    async def _restore(self, urls: list[str], timeout: float) -> list[StepResult]:
+        """Reloads the last good weights where a reload failed.
+
+        vLLM 0.32 fails a reload lazily, after ``initialize_layerwise_reload`` has taken the
+        model apart, and keeps the failed path as its model path: the next request crashes
+        the engine (seen with a missing folder). Reloading a good folder repairs it. The
+        good folder is the last one this proxy loaded there, else, while the replica still
+        reports vLLM's initial version ("default": nobody updated it), the folder it
+        started from. Otherwise nobody here knows its weights: the step fails and the
+        replica is quarantined (restart it).
+        """
+
+        async def one(url: str) -> StepResult:
+            start = time.monotonic()
+            try:
+                path = self._good_paths.get(url)
+                if path is None and await self.control.weight_version(url, timeout) == "default":
+                    path = await self.control.model_root(url, timeout)
+                if path is None:
+                    raise ControlError(
+                        "restore_weights", url, "no known-good weights folder; restart it"
+                    )
+                await self.control.reload_weights(url, path, timeout)
+            except ControlError as exc:
+                return StepResult("restore_weights", url, False, str(exc), time.monotonic() - start)
+            return StepResult("restore_weights", url, True, "", time.monotonic() - start)
+
+        return list(await asyncio.gather(*(one(url) for url in urls)))
 
     async def _on_all(
         self, step: str, action: Callable[[str], Awaitable[None]]

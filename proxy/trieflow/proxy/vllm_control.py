@@ -38,10 +38,18 @@ class VllmControl:
         headers = {"Content-Type": "application/json"} if data is not None else None
         try:
             async with asyncio.timeout(timeout):
-                async with self._session.request(
-                    method, url, data=data, params=params, headers=headers
-                ) as resp:
-                    body = await resp.read()
+                for attempt in (1, 2):
+                    try:
+                        async with self._session.request(
+                            method, url, data=data, params=params, headers=headers
+                        ) as resp:
+                            body = await resp.read()
+                    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                        # vLLM drops a kept-alive connection after answering a 500; the
+                        # next call on it is reset before vLLM reads it. Once more, fresh.
+                        if attempt == 2:
+                            raise
+                        continue
                     if resp.status >= 300:
                         text = body[:500].decode(errors="replace")
                         raise ControlError(step, url, f"HTTP {resp.status}: {text}")
@@ -70,6 +78,15 @@ class VllmControl:
         await self._call(
             "reload_weights", "POST", f"{base}/collective_rpc", timeout, json_body=body
         )
+
+    async def model_root(self, base: str, timeout: float) -> str:
+        """The folder the replica was started from (``/v1/models``' ``root``)."""
+        answer = await self._call("models", "GET", f"{base}/v1/models", timeout)
+        models = (answer or {}).get("data") or [{}]
+        root = models[0].get("root") or ""
+        if not root:
+            raise ControlError("models", base, "no model root in /v1/models")
+        return str(root)
 
     async def set_weight_version(self, base: str, version: int, timeout: float) -> None:
         await self._call(
