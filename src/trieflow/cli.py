@@ -32,12 +32,21 @@ def version() -> None:
 @app.command()
 def run(
     manifest: Annotated[Path, typer.Argument(help="An RLJob manifest (YAML).", exists=True)],
+    steps: Annotated[
+        int | None, typer.Option(help="Override spec.algorithm.totalSteps.", min=1)
+    ] = None,
+    tasks: Annotated[
+        Path | None, typer.Option(help="Task file (JSONL); default: the job's, else the demo.")
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep logs, checkpoints and weights here.")
+    ] = None,
 ) -> None:
-    """Run an RLJob locally, on this machine."""
+    """Run an RLJob locally, on this machine: operator, vLLM (CPU), proxies, trainer."""
     from trieflow.localrun import ManifestError, run_local
 
     try:
-        run_local(manifest, Console())
+        run_local(manifest, Console(), steps=steps, tasks=tasks, workdir=workdir)
     except ManifestError as error:
         err.print(f"[red]invalid RLJob[/red] {error}")
         raise typer.Exit(2) from error
