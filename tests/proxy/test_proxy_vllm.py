@@ -290,6 +290,7 @@ def test_weight_update_mid_traffic_holds_then_answers_with_right_versions(
         assert [s.step for s in update.steps] == [
             "pause",
             "reload_weights",
+            "reset_prefix_cache",  # running requests included: they resume on new KV
             "update_weight_version",
             "resume",
         ]

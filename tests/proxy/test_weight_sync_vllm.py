@@ -32,12 +32,13 @@ from trieflow.trainer.weight_transfer import (
     SenderRendezvous,
     WeightReceiver,
 )
+from trieflow.v1 import rollout_pb2
 
 pytestmark = pytest.mark.vllm
 
 REPO = str(Path(__file__).resolve().parents[2])
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 40, 41, 300, 17, 99, 250, 3, 64, 128]
-STEPS = ["pause", "reload_weights", "update_weight_version", "resume"]
+STEPS = ["pause", "reload_weights", "reset_prefix_cache", "update_weight_version", "resume"]
 
 
 # -- what vLLM serves ------------------------------------------------------------------------
@@ -228,6 +229,15 @@ def test_disk_sync_serves_the_exported_weights_and_removes_older_exports(
     assert sorted(p.name for p in root.iterdir()) == [f"v{base_version + 2:08d}"]
     with pytest.raises(ValueError, match="must exceed"):
         sync.sync(base_version + 2)
+    # Another proxy in front of the same engines may already have adopted the version
+    # from them: announcing it again as externally loaded is a harmless no-op.
+    with proxy.grpc() as client:
+        again = client.update_weights(
+            base_version + 2, source=rollout_pb2.WEIGHT_SOURCE_EXTERNAL, timeout=60
+        )
+    assert again.ok
+    assert list(again.steps) == []
+    assert served_version(vllm) == str(base_version + 2)
 
 
 def test_a_missing_folder_is_refused_and_rollout_keeps_serving_the_old_version(

@@ -261,6 +261,10 @@ class RolloutManager:
         are quarantined (no new sessions) until a later update succeeds on them; the result
         lists every step.
         """
+        if new_version == self.weight_version and source is WeightSource.EXTERNAL:
+            # Loaded by someone else and already adopted from the replicas (several proxies
+            # front the same engines): nothing left to do, and a retry is harmless.
+            return UpdateResult(True, [])
         if new_version <= self.weight_version:
             raise ValueError(f"new version {new_version} must exceed {self.weight_version}")
         timeout = step_timeout or self.step_timeout
@@ -286,6 +290,13 @@ class RolloutManager:
                         restores = await self._restore(failed_reloads, timeout)
                         steps += restores
                         restored = {s.replica for s in restores if s.ok}
+                    else:
+                        # Cached prompt KV was computed with the old weights: without this,
+                        # every later request sharing a prefix samples from a mixed policy.
+                        steps += await self._on_all(
+                            "reset_prefix_cache",
+                            lambda url: self.control.reset_prefix_cache(url, timeout),
+                        )
                 if all(s.ok for s in steps):
                     steps += await self._on_all(
                         "update_weight_version",

@@ -88,6 +88,19 @@ class VllmControl:
             raise ControlError("models", base, "no model root in /v1/models")
         return str(root)
 
+    async def reset_prefix_cache(self, base: str, timeout: float) -> None:
+        """Drop KV blocks computed with the previous weights, running requests' included
+        (they are recomputed under the new weights when they resume)."""
+        answer = await self._call(
+            "reset_prefix_cache",
+            "POST",
+            f"{base}/reset_prefix_cache",
+            timeout,
+            params={"reset_running_requests": "true"},
+        )
+        if not (answer or {}).get("success"):
+            raise ControlError("reset_prefix_cache", base, f"not reset: {answer}")
+
     async def set_weight_version(self, base: str, version: int, timeout: float) -> None:
         await self._call(
             "update_weight_version",
