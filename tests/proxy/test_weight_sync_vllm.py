@@ -13,7 +13,9 @@ import hashlib
 import multiprocessing as mp
 import random
 import shutil
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,10 +24,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tests.proxy.conftest import MODEL_NAME, ProxyFactory, ProxyProcess, Vllm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from trieflow.testenv.localhost import free_port
 from trieflow.trainer.weight_sync import DiskWeightSync, NcclWeightSync, WeightSyncError
 from trieflow.trainer.weight_transfer import (
     ReceiverClosed,
@@ -33,8 +36,6 @@ from trieflow.trainer.weight_transfer import (
     WeightReceiver,
 )
 from trieflow.v1 import rollout_pb2
-
-pytestmark = pytest.mark.vllm
 
 REPO = str(Path(__file__).resolve().parents[2])
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 40, 41, 300, 17, 99, 250, 3, 64, 128]
@@ -141,6 +142,7 @@ def state_of(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 def vllm_as_found(vllm: Vllm) -> Iterator[str]:
     """Yields vLLM's version string; afterwards restores its original weights and version
     (other modules share this vLLM and assume the startup weights)."""
+    httpx.post(f"{vllm.url}/resume", timeout=60).raise_for_status()  # if left paused
     before = served_version(vllm)
     yield before
     steps: list[Callable[[], httpx.Response]] = [
@@ -189,6 +191,7 @@ def target(proxy: ProxyProcess) -> str:
 # -- disk: export, reload, version, clean-up ---------------------------------------------------
 
 
+@pytest.mark.vllm
 def test_disk_sync_serves_the_exported_weights_and_removes_older_exports(
     vllm: Vllm, proxy: ProxyProcess, base_version: int, tmp_path: Path, seed: int
 ) -> None:
@@ -240,6 +243,7 @@ def test_disk_sync_serves_the_exported_weights_and_removes_older_exports(
     assert served_version(vllm) == str(base_version + 2)
 
 
+@pytest.mark.vllm
 def test_a_missing_folder_is_refused_and_rollout_keeps_serving_the_old_version(
     vllm: Vllm, proxy: ProxyProcess, base_version: int, tmp_path: Path, seed: int
 ) -> None:
@@ -306,6 +310,7 @@ def stand_in_receiver(port: int, results: Any) -> None:
         )
 
 
+@pytest.mark.vllm
 def test_nccl_sync_pauses_transfers_then_sets_the_version_and_resumes(
     vllm: Vllm, proxy: ProxyProcess, base_version: int, seed: int
 ) -> None:
@@ -367,3 +372,71 @@ def test_nccl_sync_pauses_transfers_then_sets_the_version_and_resumes(
         if receiver.is_alive():
             receiver.kill()
         receiver.join(10)
+
+
+# -- failures without vLLM: a replica that never answers, a proxy that is gone ----------------
+
+
+@pytest.fixture
+def silent_upstream() -> Iterator[str]:
+    """Accepts connections and never answers: a hung vLLM."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def tiny_hf_folder(folder: Path) -> Path:
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_a_hung_replica_and_a_gone_proxy_are_clear_errors_within_the_deadlines(
+    silent_upstream: str, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = start_proxy(silent_upstream)
+    gone = f"127.0.0.1:{free_port()}"
+    step_timeout = 1.5
+    sync = DiskWeightSync(
+        [target(proxy), gone],
+        tiny_hf_folder,
+        root=tmp_path / "w",
+        step_timeout=step_timeout,
+        call_timeout=10,
+    )
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError) as caught:
+        sync.sync(1)
+    elapsed = time.monotonic() - start
+    # The hung replica costs its pause and its resume deadline; the gone proxy fails fast.
+    assert elapsed < 2 * step_timeout + 10, elapsed
+    message = str(caught.value)
+    assert f"proxy {target(proxy)}: pause on {silent_upstream}/pause: no answer within 1.5 s" in (
+        message
+    )
+    assert f"proxy {gone}: UNAVAILABLE" in message
+    result = caught.value.result
+    assert result is not None
+    assert not result.ok
+    hung, unreachable = result.proxies
+    assert [(s.step, s.ok) for s in hung.steps] == [("pause", False), ("resume", False)]
+    assert (unreachable.ok, unreachable.steps) == (False, ())
+    assert sync.version is None
+    assert (tmp_path / "w" / "v00000001" / "model.safetensors").exists()  # kept: not served

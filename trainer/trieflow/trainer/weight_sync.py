@@ -72,7 +72,8 @@ class ProxyUpdate:
     weight_version: int = -1  # what the proxy reports afterwards (-1: unknown)
 
     def failures(self) -> list[str]:
-        found = [f"{s.step} on {s.replica}: {s.error}" for s in self.steps if not s.ok]
+        # The Rollout Manager's errors already name the step and the replica's endpoint.
+        found = [s.error or f"{s.step} on {s.replica} failed" for s in self.steps if not s.ok]
         if self.error:
             found.append(self.error)
         return found

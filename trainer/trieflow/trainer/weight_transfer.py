@@ -53,7 +53,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
-from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
+from torch._C._distributed_c10d import (
+    AllreduceOptions,
+    BroadcastOptions,
+    PrefixStore,
+    ProcessGroupGloo,
+    Store,
+    TCPStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +347,6 @@ class ProcessGroupCommunicator:
         if self.backend == "gloo":
             # Gloo's constructor rendezvouses (connectFullMesh) under its own timeout.
             self.pg = ProcessGroupGloo(prefix, rank, world_size, _timedelta(init_timeout))
-            self.pg.set_timeout(_timedelta(op_timeout))
         else:
             import torch.distributed
 
@@ -356,8 +362,11 @@ class ProcessGroupCommunicator:
     def warmup(self, timeout: float) -> None:
         data = torch.zeros(1, dtype=torch.float32, device=self.device)
 
+        options = AllreduceOptions()
+        options.timeout = _timedelta(timeout)
+
         def run() -> None:
-            if not _WorkWait(self.pg.allreduce([data])).wait(timeout):
+            if not _WorkWait(self.pg.allreduce([data], options)).wait(timeout):
                 raise TimeoutError("warm-up all-reduce")
 
         _with_deadline(run, timeout, "warmup")
@@ -365,7 +374,10 @@ class ProcessGroupCommunicator:
             raise RuntimeError(f"warm-up all-reduce returned {data.item()}, expected 0")
 
     def broadcast(self, buffer: torch.Tensor) -> PendingBroadcast:
-        return _WorkWait(self.pg.broadcast(buffer, 0, _timedelta(self.op_timeout)))
+        options = BroadcastOptions()
+        options.rootRank = 0
+        options.timeout = _timedelta(self.op_timeout)
+        return _WorkWait(self.pg.broadcast([buffer], options))
 
     def abort(self) -> None:
         for method in ("abort", "shutdown"):
