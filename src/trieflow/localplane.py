@@ -128,6 +128,7 @@ class LocalPlane:
         for i in range(spec.sandbox.replicas):
             wal = self.workdir / f"wal-{i}"
             ready = self.workdir / f"proxy-{i}.ready.json"
+            ready.unlink(missing_ok=True)  # a run before this one in the same workdir
             argv = [
                 sys.executable, "-m", "trieflow.proxy.main",
                 *(arg for url in self.rollout_urls for arg in ("--upstream", url)),

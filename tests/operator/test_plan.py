@@ -247,7 +247,7 @@ def test_immutable_change_is_refused_and_the_accepted_spec_keeps_running() -> No
         (
             {"spec__algorithm__learningRate": 0.001},
             False,
-            ["spec.algorithm.learningRate: 0.0001 -> 0.001"],
+            ["spec.algorithm.learningRate: 0.002 -> 0.001"],
         ),
         (
             {"spec__trainer__scheduling__nodeSelector": {"a": "b"}},
