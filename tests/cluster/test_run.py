@@ -67,13 +67,16 @@ def test_run_trains_publishes_and_resumes(tmp_path: Path) -> None:
     assert CheckpointManager(tmp_path / "checkpoints", keep=1).latest() == 2
 
     # A second run in the same work directory resumes from the checkpoint: it republishes
-    # the checkpoint's weights (fresh engines serve the base model) and trains step 3.
+    # the checkpoint's weights as version 3 (fresh engines serve the base model), then
+    # trains step 3, which publishes version 4.
     second = trieflow_run("--steps", "3", "--workdir", str(tmp_path))
     assert [row[0] for row in step_rows(second.stdout)] == ["3"], second.stdout
     resumed_log = (tmp_path / "trainer.log").read_text()
     assert "resumed from checkpoint step 2" in resumed_log
     assert "weight version 3 served by 2 proxies" in resumed_log
+    assert "weight version 4 served by 2 proxies" in resumed_log
     assert job_row(second.stdout)["STEP"] == "3"
+    assert job_row(second.stdout)["WEIGHTS"] == "4"
     assert CheckpointManager(tmp_path / "checkpoints", keep=1).latest() == 3
 
 

@@ -29,10 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+from trieflow.proxy.client import ProxyClient
 from trieflow.trainer.attention import register_tree_attention
 from trieflow.trainer.batching import Update, assign_to_ranks, plan_updates
 from trieflow.trainer.checkpoint import CheckpointManager
@@ -148,6 +150,23 @@ class Trainer:
         self.collector = GroupCollector(s.algorithm.group_size, timeout=s.group_timeout)
         self.progress = _progress_reporter(s) if self.main else None
 
+    def _served_version(self) -> int:
+        """The highest weight version any proxy's replicas serve (proxies that are not up
+        yet, e.g. sandboxes still starting, are waited for up to the sync deadline)."""
+        deadline = time.monotonic() + self.settings.sync_step_timeout
+        versions = []
+        for proxy in self.settings.proxies:
+            with ProxyClient(proxy, timeout=30.0) as client:
+                while True:
+                    try:
+                        versions.append(int(client.status().weight_version))
+                        break
+                    except grpc.RpcError as err:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"proxy {proxy} unreachable: {err}") from err
+                        time.sleep(1.0)
+        return max(versions, default=0)
+
     def _consumer(self) -> str:
         return f"{self.settings.job.metadata.name}-trainer"
 
@@ -166,8 +185,13 @@ class Trainer:
     def run(self) -> list[StepRecord]:
         self._setup()
         try:
-            if self.step > 0:
-                self._publish()  # replicas may serve older weights than the checkpoint
+            # A restarted trainer meets engines that serve the base weights (they restarted
+            # too) or newer ones than its checkpoint (only the trainer restarted): either
+            # way it republishes its own weights, under a version above everything served.
+            served = self._broadcast(self._served_version() if self.main else None)
+            if self.step > 0 or served > self.version:
+                self.version = max(self.version, served) + 1
+                self._publish()
             total = self.settings.algorithm.total_steps
             while self.step < total:
                 self._train_step()
