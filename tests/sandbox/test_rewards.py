@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trieflow.sandbox import check
-from trieflow.sandbox.agents import agent_environment
+from trieflow.sandbox.agents import EpisodeContext, agent_environment
 from trieflow.sandbox.process import run_process
 from trieflow.sandbox.rewards import NoTestError, Scorer
 from trieflow.sandbox.tasks import Task
@@ -143,16 +143,18 @@ def test_reward_command_overrides_the_task_test_and_untested_tasks_are_refused()
 def test_test_commands_find_the_runners_python_on_path(tmp_path: Path) -> None:
     env = agent_environment(
         {"PATH": "/usr/bin:/bin", "TRIEFLOW_REWARD_COMMAND": '["x"]'},
-        task=task(["python", "-m", "trieflow.sandbox.check", "length", "--max", "9", "a.txt"]),
-        episode_id="e",
-        session_id="s",
-        api_key="k",
-        workdir=tmp_path,
-        base_url="http://proxy/v1",
-        model="m",
-        max_tokens=8,
-        temperature=1.0,
-        max_turns=2,
+        EpisodeContext(
+            task=task(["python", "-m", "trieflow.sandbox.check", "length", "--max", "9", "a.txt"]),
+            episode_id="e",
+            session_id="s",
+            api_key="k",
+            workdir=tmp_path,
+            base_url="http://proxy/v1",
+            model="m",
+            max_tokens=8,
+            temperature=1.0,
+            max_turns=2,
+        ),
     )
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert "TRIEFLOW_REWARD_COMMAND" not in env  # the agent does not see the hidden test

@@ -17,11 +17,12 @@ environment (what a sandbox image with no runner of its own can run).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -49,7 +50,7 @@ class EpisodeContext:
     max_tokens: int
     temperature: float
     max_turns: int
-    env: Mapping[str, str]  # the agent's environment (agent_environment)
+    env: Mapping[str, str] = field(default_factory=dict)  # set by with_environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,20 +74,7 @@ class Agent(Protocol):
         ...
 
 
-def agent_environment(
-    base: Mapping[str, str],
-    *,
-    task: Task,
-    episode_id: str,
-    session_id: str,
-    api_key: str,
-    workdir: Path,
-    base_url: str,
-    model: str,
-    max_tokens: int,
-    temperature: float,
-    max_turns: int,
-) -> dict[str, str]:
+def agent_environment(base: Mapping[str, str], ctx: EpisodeContext) -> dict[str, str]:
     """The environment of agents and tests: ``base`` plus the episode's variables.
 
     ``OPENAI_API_KEY`` is the episode's key, so any OpenAI SDK is recorded under this
@@ -100,25 +88,30 @@ def agent_environment(
     )
     env.update(
         {
-            "OPENAI_BASE_URL": base_url,
-            "OPENAI_API_KEY": api_key,
-            "TRIEFLOW_EPISODE_ID": episode_id,
-            "TRIEFLOW_SESSION_ID": session_id,
-            "TRIEFLOW_MODEL_NAME": model,
-            "TRIEFLOW_MAX_TOKENS": str(max_tokens),
-            "TRIEFLOW_TEMPERATURE": str(temperature),
-            "TRIEFLOW_WORKDIR": str(workdir),
+            "OPENAI_BASE_URL": ctx.base_url,
+            "OPENAI_API_KEY": ctx.api_key,
+            "TRIEFLOW_EPISODE_ID": ctx.episode_id,
+            "TRIEFLOW_SESSION_ID": ctx.session_id,
+            "TRIEFLOW_MODEL_NAME": ctx.model,
+            "TRIEFLOW_MAX_TOKENS": str(ctx.max_tokens),
+            "TRIEFLOW_TEMPERATURE": str(ctx.temperature),
+            "TRIEFLOW_WORKDIR": str(ctx.workdir),
             "TRIEFLOW_ANSWER_FILE": ANSWER_FILE,
-            "TRIEFLOW_TASK_ID": task.id,
-            "TRIEFLOW_TASK_PROMPT": task.messages()[-1]["content"],
-            "TRIEFLOW_TASK_MESSAGES": json.dumps(task.messages()),
-            "TRIEFLOW_TASK_MAX_TURNS": str(max_turns),
-            "TRIEFLOW_TASK_METADATA": json.dumps(task.labels()),
-            "TRIEFLOW_TASK": json.dumps(task.public()),
+            "TRIEFLOW_TASK_ID": ctx.task.id,
+            "TRIEFLOW_TASK_PROMPT": ctx.task.messages()[-1]["content"],
+            "TRIEFLOW_TASK_MESSAGES": json.dumps(ctx.task.messages()),
+            "TRIEFLOW_TASK_MAX_TURNS": str(ctx.max_turns),
+            "TRIEFLOW_TASK_METADATA": json.dumps(ctx.task.labels()),
+            "TRIEFLOW_TASK": json.dumps(ctx.task.public()),
         }
     )
     env.pop("TRIEFLOW_REWARD_COMMAND", None)  # the test scores the agent; keep it unseen
     return env
+
+
+def with_environment(base: Mapping[str, str], ctx: EpisodeContext) -> EpisodeContext:
+    """``ctx`` with its agent environment filled in from ``base``."""
+    return dataclasses.replace(ctx, env=agent_environment(base, ctx))
 
 
 async def demo_conversation(

@@ -38,8 +38,8 @@ from trieflow.sandbox.agents import (
     Agent,
     AgentResult,
     EpisodeContext,
-    agent_environment,
     make_agent,
+    with_environment,
 )
 from trieflow.sandbox.config import RunnerConfig
 from trieflow.sandbox.rewards import Score, Scorer
@@ -437,31 +437,20 @@ class EpisodeRunner:
         outcome = trajectory_pb2.EPISODE_OUTCOME_COMPLETED
         try:
             workdir.mkdir(parents=True)
-            env = agent_environment(
+            ctx = with_environment(
                 self.base_env,
-                task=task,
-                episode_id=started.episode_id,
-                session_id=started.session_id,
-                api_key=started.api_key,
-                workdir=workdir,
-                base_url=cfg.openai_base_url,
-                model=self.model,
-                max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature,
-                max_turns=max_turns,
-            )
-            ctx = EpisodeContext(
-                task=task,
-                episode_id=started.episode_id,
-                session_id=started.session_id,
-                api_key=started.api_key,
-                workdir=workdir,
-                base_url=cfg.openai_base_url,
-                model=self.model,
-                max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature,
-                max_turns=max_turns,
-                env=env,
+                EpisodeContext(
+                    task=task,
+                    episode_id=started.episode_id,
+                    session_id=started.session_id,
+                    api_key=started.api_key,
+                    workdir=workdir,
+                    base_url=cfg.openai_base_url,
+                    model=self.model,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                    max_turns=max_turns,
+                ),
             )
             begin = time.monotonic()
             agent_result = await self._guarded(self.agent.run(ctx, cfg.episode_timeout))
@@ -471,7 +460,7 @@ class EpisodeRunner:
             elif agent_result.error:
                 outcome, reason = trajectory_pb2.EPISODE_OUTCOME_FAILED, "agent_failed"
             else:
-                score = await self._guarded(self.scorer.score(task, workdir, env))
+                score = await self._guarded(self.scorer.score(task, workdir, ctx.env))
                 if score.error:
                     outcome, reason = trajectory_pb2.EPISODE_OUTCOME_FAILED, "reward_error"
                 else:
