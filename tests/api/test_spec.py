@@ -169,6 +169,39 @@ def test_full_dump_uses_camel_case_and_omits_unset_optionals() -> None:
             id="reserved-vllm-flag",
         ),
         pytest.param(
+            {"rollout.extraArgs": ['--weight-transfer-config={"backend":"nccl"}']},
+            "spec.rollout: extraArgs must not set --weight-transfer-config: it is derived from "
+            "spec.rollout.weightSync",
+            id="reserved-weight-transfer-flag",
+        ),
+        pytest.param(
+            {"rollout.weightSync": "nccl"},
+            "spec.rollout.weightSync: Input should be 'Auto', 'NCCL' or 'Disk'",
+            id="weight-sync-enum",
+        ),
+        pytest.param(
+            {"rollout.weightSync": "NCCL", "rollout.gpusPerReplica": 0},
+            "spec: rollout.weightSync NCCL needs GPUs on both sides, but rollout.gpusPerReplica "
+            "is 0 (CPU); use Disk or Auto",
+            id="nccl-with-cpu-rollout",
+        ),
+        pytest.param(
+            {"rollout.weightSync": "NCCL", "trainer.gpusPerReplica": 0},
+            "spec: rollout.weightSync NCCL needs GPUs on both sides, but trainer.gpusPerReplica "
+            "is 0 (CPU)",
+            id="nccl-with-cpu-trainer",
+        ),
+        pytest.param(
+            {
+                "rollout.weightSync": "NCCL",
+                "rollout.gpusPerReplica": 0,
+                "trainer.gpusPerReplica": 0,
+            },
+            "spec: rollout.weightSync NCCL needs GPUs on both sides, but rollout.gpusPerReplica "
+            "is 0 and trainer.gpusPerReplica is 0 (CPU)",
+            id="nccl-all-cpu",
+        ),
+        pytest.param(
             {"algorithm.miniBatchSize": 128},
             "spec.algorithm: miniBatchSize (128) must not exceed batchSize (64)",
             id="minibatch-over-batch",
@@ -337,6 +370,36 @@ def test_valid_edge_cases_are_accepted() -> None:
         }
     )
     assert _spec_errors(spec) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "trainer_gpus", "rollout_gpus", "expected"),
+    [
+        ("Auto", 1, None, "NCCL"),  # the defaults: a GPU on each side
+        ("Auto", 8, 4, "NCCL"),
+        ("Auto", 0, 4, "Disk"),
+        ("Auto", 8, 0, "Disk"),
+        ("Auto", 0, 0, "Disk"),
+        ("Disk", 8, 4, "Disk"),
+        ("NCCL", 8, 4, "NCCL"),
+        ("Disk", 0, 0, "Disk"),
+    ],
+)
+def test_weight_sync_resolves_against_both_sides_gpus(
+    mode: str, trainer_gpus: int, rollout_gpus: int | None, expected: str
+) -> None:
+    patch: dict[str, Any] = {"rollout.weightSync": mode, "trainer.gpusPerReplica": trainer_gpus}
+    if rollout_gpus is not None:
+        patch["rollout.gpusPerReplica"] = rollout_gpus
+    spec = RLJobSpec.model_validate(_patched(patch))
+    assert spec.effective_weight_sync == expected
+
+
+def test_weight_sync_defaults_to_auto_and_the_examples_resolve_as_documented() -> None:
+    assert load_rljob(MINIMAL).spec.rollout.weight_sync == "Auto"
+    assert load_rljob(REPO / "examples" / "local-tiny.yaml").spec.effective_weight_sync == "Disk"
+    h800 = load_rljob(REPO / "examples" / "qwen-72b-h800.yaml").spec
+    assert h800.effective_weight_sync == "NCCL"
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,55 @@ def test_rollout_runs_vllm_with_spec_flags_then_user_flags(
     assert container["args"] == expected_args
 
 
+def _weight_transfer_flag(job: RLJob) -> str | None:
+    args = rollout.desired_rollout_pod(job, 0, CONFIG)["spec"]["containers"][0]["args"]
+    if "--weight-transfer-config" not in args:
+        return None
+    flag = args.index("--weight-transfer-config")
+    assert flag < args.index("--host")  # an operator flag: before the user's extraArgs
+    return str(args[flag + 1])
+
+
+@pytest.mark.parametrize(
+    ("paths", "expected"),
+    [
+        ({}, None),  # the tiny example trains on CPU: Auto is Disk
+        ({"spec__rollout__weightSync": "Disk"}, None),
+        (
+            {"spec__trainer__gpusPerReplica": 1, "spec__rollout__gpusPerReplica": 1},
+            {"backend": "nccl"},
+        ),
+        (
+            {
+                "spec__trainer__gpusPerReplica": 2,
+                "spec__rollout__gpusPerReplica": DELETE,  # one GPU per TP rank
+                "spec__rollout__weightSync": "NCCL",
+            },
+            {"backend": "nccl"},
+        ),
+        (
+            {
+                "spec__trainer__gpusPerReplica": 1,
+                "spec__rollout__gpusPerReplica": 1,
+                "spec__rollout__weightSync": "Disk",
+            },
+            None,
+        ),
+    ],
+)
+def test_vllm_joins_the_nccl_weight_transfer_only_when_weights_travel_over_nccl(
+    paths: dict[str, Any], expected: dict[str, str] | None
+) -> None:
+    job = tiny(**paths)
+    flag = _weight_transfer_flag(job)
+    assert (None if flag is None else json.loads(flag)) == expected
+    assert (expected is not None) == (job.spec.effective_weight_sync == "NCCL")
+
+
+def test_the_gpu_example_serves_with_the_nccl_weight_transfer() -> None:
+    assert _weight_transfer_flag(big()) == '{"backend": "nccl"}'
+
+
 def test_rollout_pod_has_dev_mode_health_probes_and_no_token() -> None:
     pod = rollout.desired_rollout_pod(tiny(), 1, CONFIG)
     container = pod["spec"]["containers"][0]
@@ -341,6 +390,74 @@ def test_rollout_policy_admits_only_the_jobs_pods() -> None:
     assert policy["spec"]["ingress"] == [
         {"from": [{"podSelector": {"matchLabels": {labels.JOB_LABEL: "local-tiny"}}}]}
     ]
+
+
+def _selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """A matchLabels pod selector (the only kind the operator writes); {} selects all."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return all(pod_labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """One `from`/`to` entry, for a pod in the policy's own namespace."""
+    if "ipBlock" in peer:
+        return False  # pod IPs are not known here; the job's rules never need one
+    return _selects(peer.get("podSelector", {}), pod_labels)
+
+
+def _rules_admit(rules: list[dict[str, Any]], key: str, peer: dict[str, str], port: int) -> bool:
+    for rule in rules:
+        peers = rule.get(key)
+        ports = rule.get("ports")
+        if peers is not None and not any(_peer_matches(p, peer) for p in peers):
+            continue
+        if ports is not None and not any(p.get("port") == port for p in ports):
+            continue
+        return True
+    return False
+
+
+def reachable(job: RLJob, source: dict[str, str], target: dict[str, str], port: int) -> bool:
+    """Whether the job's NetworkPolicies let a pod labelled ``source`` open a TCP connection
+    to a pod labelled ``target`` on ``port`` (same namespace): Kubernetes' rules, where a
+    pod no policy of a direction selects is unrestricted in that direction."""
+    policies = network.desired_network_policies(job)
+
+    def allowed(direction: str, pod: dict[str, str], peer: dict[str, str]) -> bool:
+        key = "from" if direction == "Ingress" else "to"
+        selecting = [
+            p["spec"]
+            for p in policies
+            if direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod)
+        ]
+        return not selecting or any(
+            _rules_admit(spec.get(direction.lower(), []), key, peer, port) for spec in selecting
+        )
+
+    return allowed("Egress", source, target) and allowed("Ingress", target, source)
+
+
+def test_trainer_and_rollout_reach_each_other_for_the_nccl_weight_transfer() -> None:
+    """The trainer calls each replica's HTTP API (/init_weight_transfer_engine and the
+    update phases); every vLLM worker then connects to the NCCL endpoint of trainer rank 0
+    (the unique id carries its address and an ephemeral port), and NCCL opens further
+    connections both ways on ephemeral ports."""
+    job = big()
+    assert job.spec.effective_weight_sync == "NCCL"
+    trainer_pod = trainer.desired_trainer_pod(job, 0, 0, CONFIG)["metadata"]["labels"]
+    rollout_pod = rollout.desired_rollout_pod(job, 3, CONFIG)["metadata"]["labels"]
+    assert reachable(job, trainer_pod, rollout_pod, CONFIG.rollout_port)
+    for port in (CONFIG.master_port, 40123, 61000):
+        assert reachable(job, rollout_pod, trainer_pod, port), port
+        assert reachable(job, trainer_pod, rollout_pod, port), port
+    # Not vacuous: another job's pods, and the sandboxes' agents (whose egress is limited to
+    # the job) are judged by the same rules, and a foreign pod is refused.
+    stranger = {**trainer_pod, labels.JOB_LABEL: "other-job"}
+    assert not reachable(job, stranger, rollout_pod, CONFIG.rollout_port)
+    assert not reachable(job, stranger, trainer_pod, CONFIG.master_port)
+    sandbox_pod = sandbox.desired_sandbox_pod(job, 0, CONFIG)["metadata"]["labels"]
+    assert reachable(job, sandbox_pod, rollout_pod, CONFIG.rollout_port)
+    assert not reachable(job, sandbox_pod, {labels.JOB_LABEL: "other-job"}, 443)
 
 
 def test_progress_role_is_limited_to_the_jobs_own_status() -> None:

@@ -39,6 +39,7 @@ SCHEMA_CASES: list[tuple[dict[str, Any], str]] = [
     ({"spec__trainer__replicas": 0}, "spec.trainer.replicas"),
     ({"spec__sandbox__replicas": -3}, "spec.sandbox.replicas"),
     ({"spec__rollout__engine": "sglang"}, "spec.rollout.engine"),
+    ({"spec__rollout__weightSync": "nccl"}, "spec.rollout.weightSync"),
     ({"spec__algorithm__name": "dpo"}, "spec.algorithm.name"),
     ({"spec__trainer__replicas": "two"}, "spec.trainer.replicas"),
     ({"spec__model__dtype": "int8"}, "spec.model.dtype"),
@@ -88,6 +89,11 @@ SEMANTIC_CASES: list[tuple[dict[str, Any], str]] = [
     (
         {"spec__rollout__extraArgs": ["--port=9000"]},
         "spec.rollout: extraArgs must not set --port",
+    ),
+    (
+        {"spec__rollout__weightSync": "NCCL"},  # the example's rollout and trainer are CPU
+        "spec: rollout.weightSync NCCL needs GPUs on both sides, but rollout.gpusPerReplica "
+        "is 0 and trainer.gpusPerReplica is 0 (CPU); use Disk or Auto",
     ),
     (
         {"spec__failurePolicy__backoff": {"initialSeconds": 100, "maxSeconds": 10}},

@@ -8,7 +8,8 @@ pods (see `network.py` and the ordering in `reconcile.py`).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Final
 
 from trieflow.api import RLJob
 from trieflow.operator import labels, podspec
@@ -22,6 +23,8 @@ from trieflow.operator.trainer import (
 )
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+#: vLLM 0.32's native weight transfer, joined by the trainer's rank 0 (`weight_transfer.py`).
+WEIGHT_TRANSFER_CONFIG: Final = json.dumps({"backend": "nccl"})
 
 
 def service_url(job: RLJob, config: OperatorConfig) -> str:
@@ -55,6 +58,9 @@ def vllm_args(job: RLJob, config: OperatorConfig) -> list[str]:
         args += ["--tokenizer", model.tokenizer]
     if model.chat_template is not None:
         args += ["--chat-template", f"{config.config_mount_path}/{CHAT_TEMPLATE_FILE}"]
+    if job.spec.effective_weight_sync == "NCCL":
+        # Without it vLLM refuses /init_weight_transfer_engine and the trainer cannot publish.
+        args += ["--weight-transfer-config", WEIGHT_TRANSFER_CONFIG]
     args += ["--host", "0.0.0.0", "--port", str(config.rollout_port)]
     return args + list(rollout.extra_args)
 
@@ -109,8 +115,8 @@ def desired_rollout_pod(job: RLJob, index: int, config: OperatorConfig) -> dict[
     checkpoints = job.spec.trainer.checkpoint
     if checkpoints.volume is not None:
         # The trainer exports each weight version under the checkpoint path; engines that
-        # reload from disk (CPU replicas, or any replica without NCCL transfer) read the
-        # same path from the same (shared) volume, read-only.
+        # reload from disk (weightSync Disk) read the same path from the same (shared)
+        # volume, read-only. Under NCCL the mount goes unused.
         volumes.append(checkpoint_volume(job))
         mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": checkpoints.path, "readOnly": True})
     container = {

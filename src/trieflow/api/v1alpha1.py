@@ -64,7 +64,13 @@ RESERVED_VLLM_FLAGS: dict[str, str] = {
     "--max-model-len": "spec.model.maxModelLen",
     "--host": "the operator's pod template",
     "--port": "the operator's pod template",
+    "--weight-transfer-config": "spec.rollout.weightSync",
 }
+
+#: `spec.rollout.weightSync` as written; `Auto` is resolved by `RLJobSpec.effective_weight_sync`.
+WeightSyncMode = Literal["Auto", "NCCL", "Disk"]
+#: How weights actually travel: vLLM's native NCCL transfer, or export and reload from disk.
+WeightSyncMethod = Literal["NCCL", "Disk"]
 
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _DNS_LABEL_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -461,7 +467,8 @@ class RolloutSpec(_SpecModel):
         default_factory=list,
         description=(
             "Extra `vllm serve` arguments, e.g. `--gpu-memory-utilization=0.9`. Flags the "
-            "operator derives from the spec (model, tensor parallelism, host, port) are refused."
+            "operator derives from the spec (model, tensor parallelism, dtype, context length, "
+            "host, port, weight transfer) are refused."
         ),
     )
     resources: FreeForm | None = Field(
@@ -476,6 +483,17 @@ class RolloutSpec(_SpecModel):
     )
     scheduling: PodScheduling = Field(
         default_factory=PodScheduling, description="Placement of rollout pods."
+    )
+    weight_sync: WeightSyncMode = Field(
+        default="Auto",
+        description=(
+            "How each new weight version reaches the engines. `NCCL`: vLLM's native weight "
+            "transfer, broadcast from trainer rank 0 over NCCL (GPUs on both sides; vLLM "
+            "runs with --weight-transfer-config). `Disk`: the trainer exports safetensors "
+            "under trainer.checkpoint.path and every replica reloads them (the checkpoint "
+            "volume must be shared by trainer and rollout pods). `Auto`: NCCL when both the "
+            "rollout replicas and the trainer have GPUs, else Disk."
+        ),
     )
 
     @property
@@ -838,6 +856,35 @@ class RLJobSpec(_SpecModel):
         le=315360000,
         description="Delete the RLJob this long after it succeeds or fails; unset keeps it.",
     )
+
+    @property
+    def effective_weight_sync(self) -> WeightSyncMethod:
+        """`rollout.weightSync` with `Auto` resolved; the operator (vLLM flags) and the
+        trainer (which sync it drives) both ask this, so the two sides always agree."""
+        mode = self.rollout.weight_sync
+        if mode != "Auto":
+            return mode
+        gpus = self.rollout.effective_gpus_per_replica > 0 and self.trainer.gpus_per_replica > 0
+        return "NCCL" if gpus else "Disk"
+
+    @model_validator(mode="after")
+    def _check_weight_sync(self) -> Self:
+        if self.rollout.weight_sync != "NCCL":
+            return self
+        cpu = [
+            f"{role}.gpusPerReplica is 0"
+            for role, gpus in (
+                ("rollout", self.rollout.effective_gpus_per_replica),
+                ("trainer", self.trainer.gpus_per_replica),
+            )
+            if gpus == 0
+        ]
+        if cpu:
+            raise ValueError(
+                f"rollout.weightSync NCCL needs GPUs on both sides, but {' and '.join(cpu)} "
+                "(CPU); use Disk or Auto"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------ status

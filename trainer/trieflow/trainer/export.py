@@ -1,6 +1,6 @@
 """Export the trained policy as a Hugging Face checkpoint that vLLM and transformers load.
 
-Every rank takes part (the full state dict is gathered shard by shard onto rank 0's CPU);
+Every rank takes part (the full state dict is gathered tensor by tensor, onto rank 0's CPU);
 rank 0 writes ``config.json``, ``generation_config.json``, the weights as safetensors
 (``model.safetensors``, or numbered shards plus ``model.safetensors.index.json`` past
 ``max_shard_bytes``) and the tokenizer files, into a hidden sibling of ``dest``. Only a
@@ -11,6 +11,10 @@ valid until the new one is complete.
 
 Tied weights are written as Hugging Face writes them: the tied copy (``lm_head.weight``
 of small Qwen2 models) is left out and the config's ``tie_word_embeddings`` restores it.
+
+:func:`hf_tensors` is the one definition of what a weight version holds (names, tied
+copies left out, dtype cast): the export writes it, and the NCCL weight sync streams it to
+vLLM, so both paths publish exactly the same tensors under the same names.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+
+from trieflow.trainer.weight_transfer import TensorMeta, dtype_name, full_tensors
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -71,11 +77,41 @@ def tied_keys(model: torch.nn.Module) -> set[str]:
     return set(tied)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on rank 0's CPU (other ranks get an empty dict); collective."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+def _hf_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(HF name, tensor as held)``: the state dict (DTensor shards under FSDP2) minus the
+    tied copies Hugging Face derives from another key."""
+    tied = tied_keys(model)
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and name not in tied:
+            yield name, value
+
+
+def _written_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` casts floating-point tensors only (integer buffers keep theirs)."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def hf_tensors(
+    model: torch.nn.Module, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(HF checkpoint name, full tensor)`` of every weight, in state-dict order, on the
+    device the model is on. Collective under FSDP (each DTensor is all-gathered when
+    reached): every rank must iterate all of it, in step, even if only rank 0 uses it.
+    The state dict holds detached tensors, so nothing is recorded for autograd (and no
+    grad-mode context is held open across the yields, where it would leak to the caller)."""
+    for name, tensor in full_tensors(_hf_state(model)):
+        yield name, tensor.detach().to(_written_dtype(tensor, dtype)).contiguous()
+
+
+def hf_tensor_metas(
+    model: torch.nn.Module, *, dtype: torch.dtype | None = None
+) -> list[TensorMeta]:
+    """What :func:`hf_tensors` will yield (names, dtypes, full shapes), read from the
+    local shards without gathering anything (not a collective)."""
+    return [
+        TensorMeta(name, dtype_name(_written_dtype(t, dtype)), tuple(int(d) for d in t.shape))
+        for name, t in _hf_state(model)
+    ]
 
 
 def _shards(
@@ -200,10 +236,14 @@ def export_hf(
     tokenizer files. Every rank returns once ``dest`` holds the complete export.
     """
     dest = Path(dest)
-    state = full_state_dict(model)
-    if _rank() == 0:
+    main = _rank() == 0
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_tensors(model, dtype=dtype):  # every rank: the gathers
+        if main:
+            tensors[name] = tensor.cpu()
+    if main:
         try:
-            _write_export(model, state, dest, tokenizer_dir, dtype, max_shard_bytes)
+            _write_export(model, tensors, dest, tokenizer_dir, dtype, max_shard_bytes)
         except BaseException as exc:
             _share_outcome(f"{type(exc).__name__}: {exc}")
             raise
@@ -224,18 +264,13 @@ def _share_outcome(failure: str | None) -> str | None:
 
 def _write_export(  # noqa: PLR0917 (private; export_hf names the arguments)
     model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
     dest: Path,
     tokenizer_dir: Path | None,
     dtype: torch.dtype | None,
     max_shard_bytes: int,
 ) -> None:
-    for key in tied_keys(model):
-        state.pop(key, None)
-    tensors = {}
-    for name, value in state.items():
-        cast = dtype is not None and value.is_floating_point()
-        tensors[name] = (value.to(dtype) if cast else value).detach().contiguous()
+    """Rank 0 writes ``tensors`` (from :func:`hf_tensors`, on the CPU) as the export."""
     floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
     written = dtype or (floating[0] if floating else torch.float32)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ One step:
    (for entropy-aware scaling) come from a no-gradient pass; reference logprobs when a KL
    term is configured;
 4. updates: accumulate, clip, AdamW;
-5. the new weights are exported and every rollout replica reloads them under the next
-   version (pause → load → version → resume, through each proxy's Rollout Manager);
+5. the new weights reach every rollout replica under the next version, through each
+   proxy's Rollout Manager (pause → load → version → resume): exported to disk and
+   reloaded (``weightSync`` Disk), or broadcast from rank 0 with vLLM's native NCCL
+   transfer (NCCL); see :class:`WeightPublisher`;
 6. the step's trees are acknowledged (the proxies delete them), metrics and progress are
    reported, and a checkpoint is written every ``intervalSteps``.
 
@@ -25,7 +27,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +56,7 @@ from trieflow.trainer.entropy import (
     with_sequence_scale,
 )
 from trieflow.trainer.episodes import Group, GroupCollector, episode_reward, trajectory_ids
-from trieflow.trainer.export import export_hf
+from trieflow.trainer.export import export_hf, hf_tensor_metas, hf_tensors
 from trieflow.trainer.forward import TargetLogprobs
 from trieflow.trainer.intake import TrajectoryIntake
 from trieflow.trainer.metrics import StepMetrics as StepObservation
@@ -62,7 +64,8 @@ from trieflow.trainer.metrics import observe_step, start_metrics_server
 from trieflow.trainer.packing import PackedBatch
 from trieflow.trainer.settings import TrainerSettings, entropy_scaling_config
 from trieflow.trainer.step import StepConfig
-from trieflow.trainer.weight_sync import DiskWeightSync
+from trieflow.trainer.weight_sync import DiskWeightSync, NcclWeightSync, WeightSyncError
+from trieflow.trainer.weight_transfer import TensorMeta, WeightTransferError
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +107,164 @@ def load_policy(settings: TrainerSettings, device: torch.device) -> Any:
     return model
 
 
+#: ``(HF name, tensor)`` of one weight version, a fresh stream per call.
+TensorStream = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+#: Declares a stream's tensors without gathering them.
+TensorMetas = Callable[[], Sequence[TensorMeta]]
+#: Builds rank 0's NCCL sync (once, at the first publish) from the settings and the model's
+#: tensor stream; tests hand in one whose sender feeds gloo receivers instead of vLLM.
+NcclConnect = Callable[[TrainerSettings, TensorStream, TensorMetas], NcclWeightSync]
+
+
+def connect_nccl(
+    settings: TrainerSettings, tensors: TensorStream, metas: TensorMetas
+) -> NcclWeightSync:
+    """Joins vLLM's native weight transfer on every replica behind the proxies: one NCCL
+    rank per GPU of a replica (vLLM's TP x PP x DP workers), every phase with a deadline."""
+    if not settings.on_gpu:
+        raise WeightSyncError(
+            "spec.rollout.weightSync resolves to NCCL (trainer and rollout have GPUs), but this "
+            "trainer process has no CUDA device; set weightSync: Disk to train on CPU"
+        )
+    step = settings.sync_step_timeout
+    return NcclWeightSync.connect(
+        settings.proxies,
+        tensors,
+        metas=metas,
+        workers_per_replica=settings.job.spec.rollout.effective_gpus_per_replica,
+        init_timeout=step,
+        step_timeout=step,
+        call_timeout=4 * step + 60.0,  # one UpdateWeights: pause, version, resume, slack
+    )
+
+
+class WeightPublisher:
+    """Gets each new weight version served by every rollout replica; every rank calls
+    :meth:`publish` (the export and the tensor stream gather FSDP shards: collectives).
+
+    * Disk: every rank takes part in :func:`export_hf`; rank 0 has each proxy's Rollout
+      Manager reload the folder (:class:`DiskWeightSync`).
+    * NCCL: every rank iterates :func:`hf_tensors` in the same order (the same tensors
+      the export would write); rank 0 streams them to vLLM through
+      :class:`NcclWeightSync`, connected lazily at the first publish, when the replicas
+      are up. A failed transfer leaves the NCCL group unusable (a broadcast cannot be
+      cancelled), so every rank raises :class:`WeightSyncError` and the trainer stops;
+      the operator's restart builds a new group.
+    """
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        model: torch.nn.Module,
+        env: DistEnv,
+        *,
+        nccl_connect: NcclConnect = connect_nccl,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.env = env
+        self.method = settings.weight_sync
+        self.disk = (
+            DiskWeightSync(
+                list(settings.proxies),
+                root=settings.weights_dir,
+                step_timeout=settings.sync_step_timeout,
+            )
+            if self.method == "Disk"
+            else None
+        )
+        self._nccl_connect = nccl_connect
+        self.nccl: NcclWeightSync | None = None
+        self._stream: Iterator[tuple[str, torch.Tensor]] | None = None
+
+    def publish(self, version: int) -> float:
+        """Serve ``version`` everywhere; returns the seconds it took (on every rank)."""
+        started = time.perf_counter()
+        if self.disk is not None:
+            path = self.disk.prepare(version)
+            export_hf(self.model, path, tokenizer_dir=self.settings.model_dir)
+            if self.env.rank == 0:
+                self.disk.publish(path, version)
+        else:
+            self._publish_nccl(version)
+        if self.env.world_size > 1:
+            dist.barrier()
+        return time.perf_counter() - started
+
+    def _publish_nccl(self, version: int) -> None:
+        stream = hf_tensors(self.model)
+        error: Exception | None = None
+        if self.env.rank == 0:
+            self._stream = stream
+            try:
+                if self.nccl is None:
+                    self.nccl = self._nccl_connect(self.settings, self._take_stream, self._metas)
+                self.nccl.sync(version)
+            except Exception as exc:  # shared with every rank below, then raised
+                error = exc
+            finally:
+                self._stream = None
+        for _ in stream:  # what rank 0 did not send (all of it elsewhere): the gathers
+            pass
+        failure = self._share(None if error is None else self._explain(error))
+        if failure is None:
+            return
+        if self.env.rank == 0:
+            self.close()
+        message = f"weight version {version} not published over NCCL: {failure}"
+        raise WeightSyncError(message) from error
+
+    def _explain(self, error: Exception) -> str:
+        """Rank 0's account of a failed publish, with what it leaves behind."""
+        text = _describe(error)
+        if self.nccl is None:
+            return f"{text}. The NCCL transfer group did not form; the trainer stops."
+        if self.nccl.sender.broken is not None:
+            return (
+                f"{text}. The NCCL transfer group is unusable now (a broadcast cannot be "
+                "cancelled): the trainer stops, and its restart rebuilds the group; restart "
+                "rollout replicas that stay stuck in the transfer."
+            )
+        return f"{text}. The transfer itself completed; the trainer stops."
+
+    def _take_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This round's stream: created by :meth:`_publish_nccl` so it can finish the gathers
+        itself when the transfer stops early."""
+        if self._stream is None:
+            raise RuntimeError("the NCCL sync asked for tensors outside a publish")
+        return self._stream
+
+    def _metas(self) -> list[TensorMeta]:
+        return hf_tensor_metas(self.model)
+
+    def _share(self, failure: str | None) -> str | None:
+        """Rank 0's outcome, on every rank (one broadcast)."""
+        if self.env.world_size == 1:
+            return failure
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        result: str | None = box[0]
+        return result
+
+    def close(self) -> None:
+        if self.nccl is not None:
+            try:
+                self.nccl.close()
+            except Exception as exc:  # closing must not hide why the trainer stops
+                log.warning("closing the NCCL weight sync failed: %s", exc)
+            self.nccl = None
+
+
 class Trainer:
-    def __init__(self, settings: TrainerSettings) -> None:
+    def __init__(
+        self, settings: TrainerSettings, *, nccl_connect: NcclConnect = connect_nccl
+    ) -> None:
         self.settings = settings
         self.env = DistEnv.from_env()
         self.main = self.env.rank == 0
         self.config: StepConfig = settings.step_config()
         self.records: list[StepRecord] = []
+        self._nccl_connect = nccl_connect
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -137,9 +291,7 @@ class Trainer:
             log.info("resumed from checkpoint step %d (weight version %d)", self.step, self.version)
         if s.metrics_port is not None:
             self.metrics_port = start_metrics_server(s.metrics_port)
-        self.sync = DiskWeightSync(
-            list(s.proxies), root=s.weights_dir, step_timeout=s.sync_step_timeout
-        )
+        self.publisher = WeightPublisher(s, self.model, self.env, nccl_connect=self._nccl_connect)
         self.intake = (
             TrajectoryIntake(
                 s.proxies, max_unacked=2 * s.algorithm.batch_size, consumer_id=self._consumer()
@@ -202,6 +354,7 @@ class Trainer:
         finally:
             if self.intake is not None:
                 self.intake.stop()
+            self.publisher.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
         return self.records
@@ -363,21 +516,21 @@ class Trainer:
     # -- weights, checkpoints, progress ---------------------------------------------------
 
     def _publish(self) -> float:
-        """Export the weights (every rank takes part) and have every replica load them."""
-        started = time.perf_counter()
-        path = self.sync.prepare(self.version)
-        export_hf(self.model, path, tokenizer_dir=self.settings.model_dir)
-        if self.main:
-            self.sync.publish(path, self.version)
-        if self.env.world_size > 1:
-            dist.barrier()
-        return time.perf_counter() - started
+        """Every replica serves the current weights as ``self.version`` (every rank calls)."""
+        return self.publisher.publish(self.version)
 
     def _checkpoint(self) -> None:
         self.checkpoints.save(
             self.step, self.model, self.optimizer, {"weight_version": self.version}
         )
         self._last_checkpoint = self.step
+
+
+def _describe(error: Exception) -> str:
+    """Our own errors say what failed; anything else also says what kind of error it is."""
+    if isinstance(error, WeightSyncError | WeightTransferError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _num_sequences(update: Update) -> int:

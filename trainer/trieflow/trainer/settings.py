@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from trieflow.api import AlgorithmSpec, EntropyAdvantageSpec, RLJob, load_rljob
+from trieflow.api import AlgorithmSpec, EntropyAdvantageSpec, RLJob, WeightSyncMethod, load_rljob
 from trieflow.trainer.entropy import EntropyNormalization, EntropyScalingConfig
 from trieflow.trainer.loss import Aggregation, PolicyLossConfig
 from trieflow.trainer.step import AttentionBackend, StepConfig
@@ -41,7 +41,8 @@ class TrainerSettings:
     kubeconfig: Path | None = None
     #: Seconds a GRPO group may wait for its last episodes before it is used short.
     group_timeout: float = 600.0
-    #: Deadline of each weight-update step on each rollout replica.
+    #: Deadline of each weight-update step on each rollout replica (and, with NCCL, of the
+    #: transfer group's set-up and of each phase of a transfer).
     sync_step_timeout: float = 300.0
     max_grad_norm: float = 1.0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,6 +54,12 @@ class TrainerSettings:
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def weight_sync(self) -> WeightSyncMethod:
+        """How weights reach the engines: the spec's rule, the one the operator used to
+        start vLLM (with or without ``--weight-transfer-config``), so both sides agree."""
+        return self.job.spec.effective_weight_sync
 
     @property
     def dtype(self) -> torch.dtype:
