@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench.profiling import profile_step
 from bench.trie_training import (
     MODELS,
     SHAPES,
@@ -61,16 +60,6 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "hopper_no_tma": {k: v for k, v in HOPPER_KERNEL_OPTIONS.items() if k != "fwd_USE_TMA"},
     "tma_rows_safe": {"fwd_USE_TMA": True, "ROWS_GUARANTEED_SAFE": True},
 }
-
-KERNEL_KINDS: list[tuple[str, str]] = [
-    ("flex_bwd", r"flex_attention_backward|triton_tem_fused_zeros|tem.*backward"),
-    ("flex_fwd", r"flex_attention|triton_tem"),
-    ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|Kernel2|ampere|hopper"),
-    ("adamw", r"adam|multi_tensor"),
-    ("triton", r"^triton_"),
-    ("reduce", r"reduce|softmax|norm"),
-    ("elementwise", r"elementwise|vectorized|unrolled|CatArray|copy|fill|index|gather|scatter"),
-]
 
 
 def device_seconds(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
@@ -162,50 +151,6 @@ def time_attention(
         "fwd_tflops": round(fwd_flops / fwd / 1e12, 1),
         "bwd_tflops": round(2.5 * fwd_flops / max(both - fwd, 1e-9) / 1e12, 1),
         "fwd_bwd_tflops": round(3.5 * fwd_flops / both / 1e12, 1),
-    }
-
-
-def kernel_kind(name: str) -> str:
-    for kind, pattern in KERNEL_KINDS:
-        if re.search(pattern, name, flags=re.IGNORECASE):
-            return kind
-    return "other"
-
-
-def profile_step(step: Callable[[], None], device: torch.device, top: int) -> dict[str, Any]:
-    """Device time of one step per kernel name and per kind, and its wall time."""
-    from torch.autograd import DeviceType  # type: ignore[attr-defined]
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        begin = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - begin
-    per_kernel: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            per_kernel[event.name] += event.time_range.elapsed_us() / 1e3
-            counts[event.name] += 1
-    per_kind: dict[str, float] = defaultdict(float)
-    for name, ms in per_kernel.items():
-        per_kind[kernel_kind(name)] += ms
-    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])
-    return {
-        "wall_ms": round(wall * 1e3, 1),
-        "device_ms": round(sum(per_kernel.values()), 1),
-        "kernels": len(per_kernel),
-        "launches": sum(counts.values()),
-        "per_kind_ms": {k: round(v, 1) for k, v in sorted(per_kind.items(), key=lambda i: -i[1])},
-        "top": [
-            {"ms": round(ms, 2), "n": counts[name], "kind": kernel_kind(name), "name": name[:160]}
-            for name, ms in ranked[:top]
-        ],
     }
 
 
