@@ -74,6 +74,24 @@ def served_checksums(vllm: Vllm) -> dict[str, str]:
     return {k.rsplit(":", 1)[-1]: v for k, v in answer.json()["checksums"].items()}
 
 
+def assert_serves(vllm: Vllm, state: dict[str, torch.Tensor]) -> None:
+    """vLLM holds exactly ``state``, bit for bit. On CPU this relies on
+    :mod:`trieflow.vllm_plugin` keeping plain linear weights (vLLM's oneDNN repacking
+    would leave nothing to compare and, after a reload, compute with stale weights)."""
+    assert served_checksums(vllm) == expected_checksums(state)
+
+
+def assert_logprobs_follow(
+    proxy: ProxyProcess, model: PreTrainedModel, before: list[float]
+) -> None:
+    """Prompt logprobs served through the proxy are those of ``model``: close to what
+    transformers computes (bf16 kernels differ) and far from what was served ``before``."""
+    after, expected = proxy_prompt_logprobs(proxy), hf_prompt_logprobs(model)
+    scale = sum(abs(x) for x in expected) / len(expected)
+    assert mean_abs_diff(after, expected) < 0.03 * scale
+    assert mean_abs_diff(after, before) > 10 * mean_abs_diff(after, expected)
+
+
 def served_version(vllm: Vllm) -> str:
     return str(httpx.get(f"{vllm.url}/weight_info", timeout=10).json()["weight_version"])
 
@@ -159,9 +177,7 @@ def vllm_as_found(vllm: Vllm) -> Iterator[str]:
     ]
     for step in steps:
         step().raise_for_status()
-    assert served_checksums(vllm) == expected_checksums(
-        load_file(vllm.model_dir / "model.safetensors")
-    )
+    assert_serves(vllm, load_file(vllm.model_dir / "model.safetensors"))
 
 
 @pytest.fixture
@@ -212,22 +228,19 @@ def test_disk_sync_serves_the_exported_weights_and_removes_older_exports(
     assert [s.step for s in result.proxies[0].steps] == STEPS
     assert result.export_seconds > 0
     assert result.bytes > 0
-    assert served_checksums(vllm) == expected_checksums(state_of(first))
+    assert_serves(vllm, state_of(first))
     assert served_version(vllm) == str(base_version + 1)
     with proxy.grpc() as client:
         status = client.status()
     assert (status.weight_version, status.paused) == (base_version + 1, False)
-    after, expected = proxy_prompt_logprobs(proxy), hf_prompt_logprobs(first)
-    # bf16 kernels differ between vLLM and transformers: close, not equal...
-    scale = sum(abs(x) for x in expected) / len(expected)
-    assert mean_abs_diff(after, expected) < 0.03 * scale
-    # ...and far closer to the new weights than to what was served before.
-    assert mean_abs_diff(after, before) > 10 * mean_abs_diff(after, expected)
+    assert_logprobs_follow(proxy, first, before)
 
     second = perturbed(vllm.model_dir, seed + 1)
     sync.export = exporter(second, vllm.model_dir)
+    before = proxy_prompt_logprobs(proxy)
     result = sync.sync(base_version + 2)
-    assert served_checksums(vllm) == expected_checksums(state_of(second))
+    assert_serves(vllm, state_of(second))
+    assert_logprobs_follow(proxy, second, before)
     assert result.removed == ((root / f"v{base_version + 1:08d}").resolve(),)
     assert sorted(p.name for p in root.iterdir()) == [f"v{base_version + 2:08d}"]
     with pytest.raises(ValueError, match="must exceed"):
