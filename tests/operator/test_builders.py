@@ -9,7 +9,17 @@ import pytest
 from tests.operator.support import DELETE, UID, example, job_model, with_values
 
 from trieflow.api import RLJob, load_rljob
-from trieflow.operator import configmap, labels, network, podgroup, rbac, rollout, sandbox, trainer
+from trieflow.operator import (
+    configmap,
+    labels,
+    network,
+    podgroup,
+    podspec,
+    rbac,
+    rollout,
+    sandbox,
+    trainer,
+)
 from trieflow.operator.children import desired_objects, desired_pod
 from trieflow.operator.config import OperatorConfig
 from trieflow.operator.labels import Role
@@ -330,7 +340,9 @@ def test_sandbox_agent_reaches_the_model_only_through_its_proxy() -> None:
     assert env["TRIEFLOW_WORKDIR"] == agent["workingDir"] == "/workspace"
     assert int(env["TRIEFLOW_GROUP_SIZE"]) == big().spec.algorithm.group_size
     args = proxy["args"]
-    assert args[args.index("--upstream") + 1] == "http://qwen-72b-swe-rollout.team-b.svc:8000"
+    assert args[args.index("--upstream") + 1] == (
+        "http://qwen-72b-swe-rollout-0.qwen-72b-swe-rollout-pods.team-b.svc:8000"
+    )
     assert args[args.index("--host") + 1] == "127.0.0.1"  # the agent's port: loopback only
     assert args[args.index("--service-host") + 1] == "0.0.0.0"  # trainer intake, metrics
     assert args[args.index("--port") + 1] == "8080"
@@ -342,6 +354,54 @@ def test_sandbox_agent_reaches_the_model_only_through_its_proxy() -> None:
     assert sandbox.proxy_address(big(), 3) == (
         "qwen-72b-swe-sandbox-3.qwen-72b-swe-sandbox.team-b.svc:50051"
     )
+
+
+def upstreams(pod: dict[str, Any]) -> list[str]:
+    args = containers_by_name(pod)["proxy"]["args"]
+    return [args[i + 1] for i, arg in enumerate(args) if arg == "--upstream"]
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_the_proxy_knows_every_rollout_replica_in_order(replicas: int) -> None:
+    # Not the load-balanced Service: a weight update must pause, reload and version every
+    # replica, and the trainer's NCCL group needs each one.
+    job = tiny(spec__rollout__replicas=replicas)
+    pod = sandbox.desired_sandbox_pod(job, 0, CONFIG)
+    expected = [
+        f"http://local-tiny-rollout-{i}.local-tiny-rollout-pods.team-a.svc:8000"
+        for i in range(replicas)
+    ]
+    assert upstreams(pod) == expected
+    assert rollout.service_url(job, CONFIG) not in upstreams(pod)
+    # Each name is one the headless Service gives a rollout pod.
+    pods_service = rollout.desired_rollout_pods_service(job, CONFIG)
+    assert pods_service["spec"]["clusterIP"] == "None"
+    for i in range(replicas):
+        spec = rollout.desired_rollout_pod(job, i, CONFIG)["spec"]
+        host = f"{spec['hostname']}.{spec['subdomain']}.team-a.svc"
+        assert spec["subdomain"] == pods_service["metadata"]["name"]
+        assert upstreams(pod)[i] == f"http://{host}:{CONFIG.rollout_port}"
+    # Scaling reaches the running proxy through the file it follows: the ConfigMap's list.
+    args = containers_by_name(pod)["proxy"]["args"]
+    follows = args[args.index("--replicas-file") + 1]
+    assert follows == f"{CONFIG.config_mount_path}/runtime.yaml"
+    mounts = containers_by_name(pod)["proxy"]["volumeMounts"]
+    assert podspec.config_mount(CONFIG) in mounts  # a whole-volume mount: it gets updates
+    assert "subPath" not in podspec.config_mount(CONFIG)
+    runtime = configmap.runtime_endpoints(job, CONFIG)
+    assert runtime["rollout"]["replicaUrls"] == expected
+
+
+def test_sandbox_pod_hash_is_stable_until_its_spec_changes() -> None:
+    def digest(job: RLJob, index: int = 0) -> str:
+        pod = labels.with_hash(sandbox.desired_sandbox_pod(job, index, CONFIG))
+        return str(pod["metadata"]["annotations"][labels.HASH_ANNOTATION])
+
+    assert digest(tiny(spec__rollout__replicas=3)) == digest(tiny(spec__rollout__replicas=3))
+    assert digest(big()) == digest(big())
+    # The upstream list is part of the pod spec; the lifecycle never replaces running
+    # sandboxes for it (test_plan: their proxies follow the ConfigMap instead).
+    assert digest(tiny(spec__rollout__replicas=2)) != digest(tiny(spec__rollout__replicas=3))
 
 
 def test_sandbox_resources_default_to_limits_when_unset() -> None:

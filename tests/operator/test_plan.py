@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import yaml
 from tests.operator.support import (
     example,
     observed_children,
@@ -201,6 +202,51 @@ def test_scaling_patches_the_config_map_and_emits_an_event() -> None:
         body(written, spec__rollout__replicas=3, generation=2), running_pods(), accepted=old
     )
     assert "Scaled" not in reasons(again)  # announced once, whatever the caches say
+
+
+@pytest.mark.parametrize(
+    ("gpus", "before", "after", "warning"),
+    [
+        (0, 1, 3, None),  # Disk: the next update reloads the added replicas, then they serve
+        (0, 3, 1, "the sandbox proxies drop the removed replicas when the job ConfigMap"),
+        (1, 2, 4, "the added replicas get no weights and take no agents until the trainer"),
+        (1, 4, 2, "still holds the removed replicas, so the next weight update fails"),
+    ],
+)
+def test_rollout_scaling_keeps_sandboxes_and_updates_the_replica_list(
+    gpus: int, before: int, after: int, warning: str | None
+) -> None:
+    # The proxies follow runtime.yaml (--replicas-file): no sandbox pod is replaced, so no
+    # episode or write-ahead log is lost; only the ConfigMap changes.
+    same: dict[str, Any] = {
+        "spec__rollout__gpusPerReplica": gpus,
+        "spec__trainer__gpusPerReplica": gpus,
+    }
+    old = body(spec__rollout__replicas=before, **same)
+    new = body(
+        prior(rollout={"desired": before}), spec__rollout__replicas=after, generation=2, **same
+    )
+    plan = run(new, running_pods(rollouts=before), accepted=old)
+    assert [m["kind"] for m in plan.apply] == ["ConfigMap"]
+    runtime = yaml.safe_load(plan.apply[0]["data"]["runtime.yaml"])
+    assert runtime["rollout"]["replicaUrls"] == [
+        f"http://local-tiny-rollout-{i}.local-tiny-rollout-pods.default.svc:8000"
+        for i in range(after)
+    ]
+    assert not [n for n in created(plan) if "sandbox" in n]
+    assert not [n for n, _ in deleted(plan) if "sandbox" in n]
+    assert len(created(plan)) == max(0, after - before)
+    assert len(deleted(plan)) == max(0, before - after)
+    found = [
+        (e.type, e.message) for e in plan.events if e.reason == lifecycle.WEIGHT_SYNC_DISRUPTED
+    ]
+    if warning is None:
+        assert found == []
+    else:
+        assert len(found) == 1
+        assert found[0][0] == "Warning"
+        assert found[0][1].startswith(f"rollout replicas {before} -> {after}: ")
+        assert warning in found[0][1]
 
 
 # --------------------------------------------------------------------------- bad input

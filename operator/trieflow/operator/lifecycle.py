@@ -14,6 +14,9 @@ write, or a stale cache) because it only looks at what exists:
   budget spent -> Failed, naming the pod;
 - rollout/sandbox: failed pods are deleted and recreated one by one, pods above the
   replica count are deleted, missing indices are created, within the role's budget.
+  Sandbox pods are never replaced for a rollout scale: their proxies follow the replica
+  list in the job ConfigMap (`sandbox.py`); what that cannot make seamless is announced
+  (`rollout_scale_warning`).
 
 Pods go last: the executor creates them only after every other planned child was applied
 successfully in the same pass (so a rollout pod never runs before the NetworkPolicy that
@@ -424,6 +427,9 @@ class _Pass:
         if before and before != replicas:
             # Once: the status written in this pass records the new count.
             self.event("Normal", "Scaled", f"{role} replicas {before} -> {replicas}")
+            warning = rollout_scale_warning(job, before, replicas) if role is Role.ROLLOUT else None
+            if warning is not None:
+                self.event("Warning", WEIGHT_SYNC_DISRUPTED, warning)
         self.set_role(role, replicas, ready)
         if replaced:
             status.restarts = self.previous_role(role).restarts + len(replaced)
@@ -522,6 +528,42 @@ class _Pass:
         self.plan.requeue(
             next_node_deadline(self.pods, self.observed.nodes, self.now, self.grace())
         )
+
+
+WEIGHT_SYNC_DISRUPTED = "WeightSyncDisrupted"
+
+
+def rollout_scale_warning(job: RLJob, before: int, after: int) -> str | None:
+    """What a rollout scale does to weight sync that users should hear of, or None.
+
+    The proxies learn the new replica list from the job ConfigMap, which reaches running
+    pods at the kubelet's next sync (about a minute). Under Disk, a removed replica is still
+    paused by each weight update until then, so an update in that window fails (the trainer
+    stops and is restarted); added replicas take agents after the next update reloads them.
+    Under NCCL the trainer's transfer group is formed once per trainer run with the replicas
+    the proxies list: a removed replica fails the next update whenever it comes, and added
+    ones get no weights (so take no agents) until the trainer restarts.
+    """
+    change = f"rollout replicas {before} -> {after}"
+    restart = "restarts the trainer (counted against maxRestarts.trainer)"
+    nccl = job.spec.effective_weight_sync == "NCCL"
+    if after < before and nccl:
+        return (
+            f"{change}: the trainer's NCCL weight-transfer group still holds the removed "
+            f"replicas, so the next weight update fails and {restart}; the restart rebuilds "
+            "the group from the proxies' replica lists"
+        )
+    if after < before:
+        return (
+            f"{change}: the sandbox proxies drop the removed replicas when the job ConfigMap "
+            f"reaches their pods (about a minute); a weight update before that fails and {restart}"
+        )
+    if nccl:
+        return (
+            f"{change}: the trainer's NCCL weight-transfer group is formed once per trainer run, "
+            "so the added replicas get no weights and take no agents until the trainer restarts"
+        )
+    return None
 
 
 def _unique(deletions: list[Deletion]) -> list[Deletion]:

@@ -1,4 +1,4 @@
-"""Desired rollout children: vLLM pods, the Service proxies call, and per-replica DNS.
+"""Desired rollout children: vLLM pods, a load-balanced Service, and per-replica DNS.
 
 vLLM runs with `VLLM_SERVER_DEV_MODE=1` because RL needs its control endpoints (pause,
 resume, weight reload, weight version). Those endpoints are unauthenticated, so a rollout
@@ -28,13 +28,15 @@ WEIGHT_TRANSFER_CONFIG: Final = json.dumps({"backend": "nccl"})
 
 
 def service_url(job: RLJob, config: OperatorConfig) -> str:
-    """Base URL of the load-balanced rollout Service (what the proxies forward to)."""
+    """Base URL of the load-balanced rollout Service: for users and tools. Proxies address
+    each replica (`replica_url`): a weight update through the Service reaches one at random."""
     name, namespace = podspec.job_name(job), podspec.job_namespace(job)
     return f"http://{labels.service_name(name, Role.ROLLOUT)}.{namespace}.svc:{config.rollout_port}"
 
 
 def replica_url(job: RLJob, index: int, config: OperatorConfig) -> str:
-    """Base URL of one replica: weight updates pause and resume every replica separately."""
+    """Base URL of one replica (the proxies' upstreams): weight updates pause, reload and
+    version every replica separately, and NCCL weight transfer needs each one."""
     name, namespace = podspec.job_name(job), podspec.job_namespace(job)
     host = labels.pod_name(name, Role.ROLLOUT, index)
     subdomain = labels.rollout_pods_service_name(name)
@@ -81,7 +83,7 @@ def _service(job: RLJob, name: str, config: OperatorConfig, *, headless: bool) -
 
 
 def desired_rollout_service(job: RLJob, config: OperatorConfig) -> dict[str, Any]:
-    """ClusterIP Service over ready replicas; the proxies' upstream."""
+    """ClusterIP Service over ready replicas (`service_url`)."""
     name = labels.service_name(podspec.job_name(job), Role.ROLLOUT)
     return _service(job, name, config, headless=False)
 

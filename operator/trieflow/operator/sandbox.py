@@ -4,7 +4,14 @@ The agent is untrusted code, so its pod gets the Pod Security "restricted" profi
 no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root unless the
 spec opts out), no service-account token, resource limits always, and an egress policy
 (`network.py`). It reaches the model only through the sidecar on localhost: the agent's
-`OPENAI_BASE_URL` is the proxy, which forwards to the rollout Service and records every call.
+`OPENAI_BASE_URL` is the proxy, which forwards to the rollout replicas and records every call.
+
+The proxy is given every replica by its own DNS name (`rollout.replica_url`), not the
+load-balanced Service: its Rollout Manager pauses, reloads and versions each replica, and the
+trainer builds its NCCL group from the replicas the proxies list. Rollout scaling reaches a
+running proxy through the job ConfigMap (`--replicas-file`, runtime.yaml's
+`rollout.replicaUrls`), so sandbox pods are never replaced for it: their episodes and
+write-ahead logs survive, and the `--upstream` list is only what the pod started with.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from trieflow.api import RLJob
 from trieflow.operator import labels, podspec
 from trieflow.operator.config import OperatorConfig
 from trieflow.operator.labels import Role
-from trieflow.operator.rollout import service_url
+from trieflow.operator.rollout import replica_url
 
 TASKS_VOLUME = "tasks"
 WAL_DIR = "/var/lib/trieflow/wal"
@@ -122,6 +129,15 @@ def _agent_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str
     return container
 
 
+def proxy_upstream_args(job: RLJob, config: OperatorConfig) -> list[str]:
+    """One `--upstream` per rollout replica, in index order, then the file the proxy follows
+    when the replica count changes (see the module docstring)."""
+    args: list[str] = []
+    for index in range(job.spec.rollout.replicas):
+        args += ["--upstream", replica_url(job, index, config)]
+    return [*args, "--replicas-file", f"{config.config_mount_path}/{podspec.RUNTIME_FILE}"]
+
+
 def _proxy_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str, Any]:
     proxy = job.spec.proxy
     ports = proxy.ports
@@ -131,8 +147,7 @@ def _proxy_container(job: RLJob, index: int, config: OperatorConfig) -> dict[str
         "imagePullPolicy": config.image_pull_policy,
         "command": ["trieflow", "proxy"],
         "args": [
-            "--upstream",
-            service_url(job, config),
+            *proxy_upstream_args(job, config),
             "--wal-dir",
             WAL_DIR,
             # The OpenAI port is for the agent beside it only; gRPC (trainer intake) and

@@ -6,6 +6,9 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from trieflow.proxy.rollout_manager import AdmissionPolicy
 
@@ -38,6 +41,9 @@ class ProxyConfig:
     wal_segment_bytes: int = 64 << 20
     wal_fsync: bool = False
     ready_file: Path | None = None  # written (JSON with the bound ports) once serving
+    #: The job's ``runtime.yaml`` (ConfigMap mount): its ``rollout.replicaUrls`` replace
+    #: ``upstreams`` whenever it changes, so a running proxy follows rollout scaling.
+    replicas_file: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
@@ -52,6 +58,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         required=True,
         metavar="URL",
         help="vLLM replica base URL (repeat for several)",
+    )
+    p.add_argument(
+        "--replicas-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="follow rollout.replicaUrls in this YAML file (the job's runtime.yaml); "
+        "each replica takes agents only once it serves the current weights",
     )
     p.add_argument("--wal-dir", type=Path, required=True, help="write-ahead log directory")
     p.add_argument("--host", default=d.host, help="bind address of the agents' OpenAI port")
@@ -105,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
     return ProxyConfig(
         upstreams=tuple(a.upstream),
         wal_dir=a.wal_dir,
+        replicas_file=a.replicas_file,
         host=a.host,
         service_host=a.service_host,
         port=a.port,
@@ -132,3 +147,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ProxyConfig:
         wal_fsync=a.wal_fsync,
         ready_file=a.ready_file,
     )
+
+
+def replica_urls(text: str) -> tuple[str, ...]:
+    """``rollout.replicaUrls`` of a runtime.yaml (the operator writes it); ValueError when
+    the text holds no such non-empty list of strings."""
+    try:
+        loaded: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
+    rollout = loaded.get("rollout") if isinstance(loaded, dict) else None
+    urls = rollout.get("replicaUrls") if isinstance(rollout, dict) else None
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ValueError("no rollout.replicaUrls list")
+    return tuple(urls)

@@ -1,5 +1,11 @@
 """One proxy process: the agent HTTP endpoint, the admin endpoint and the gRPC services,
-wired to one Trajectory Manager and one Rollout Manager on one event loop."""
+wired to one Trajectory Manager and one Rollout Manager on one event loop.
+
+With ``replicas_file`` the proxy follows the job's replica list while it runs (rollout
+scaling). A replica that joins, or comes back after a failure, takes agents only once it
+serves the current weight version: the next weight update that reloads from disk brings it
+there, and under NCCL the trainer's transfer does (it sets the version itself).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,11 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from trieflow.proxy.config import ProxyConfig
+from trieflow.proxy.config import ProxyConfig, replica_urls
 from trieflow.proxy.grpc_services import add_services
 from trieflow.proxy.http_proxy import AgentProxy, agent_app
 from trieflow.proxy.metrics import ProxyMetrics
-from trieflow.proxy.replicas import ReplicaPool
+from trieflow.proxy.replicas import Replica, ReplicaPool
 from trieflow.proxy.rollout_manager import RolloutManager
 from trieflow.proxy.trajectory_manager import TrajectoryManager, UnknownEpisodeError
 from trieflow.proxy.upstream_client import UpstreamPool
@@ -28,13 +34,61 @@ from trieflow.v1 import trajectory_pb2
 log = logging.getLogger(__name__)
 
 
+class PoolControl(VllmControl):
+    """vLLM control as the Rollout Manager uses it, keeping joining replicas honest.
+
+    A joining replica gets a weight version from this proxy only in the update that
+    reloaded it here (pause -> reload -> ... -> set version). In any other update (an
+    ``EXTERNAL`` one: the weights came over NCCL to the replicas the trainer knew, or a
+    sibling proxy reloaded them) it may not hold those weights, and a version it does not
+    serve would let it take agents; whoever loaded it sets its version (vLLM's
+    ``/finish_weight_update`` does), and the health loop admits it when it reports it.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, pool: ReplicaPool) -> None:
+        super().__init__(session)
+        self._pool = pool
+        self._reloaded: set[str] = set()  # reloaded here since its last pause
+
+    async def pause(self, base: str, mode: str, timeout: float) -> None:
+        self._reloaded.discard(base)
+        await super().pause(base, mode, timeout)
+
+    async def reload_weights(self, base: str, weights_path: str, timeout: float) -> None:
+        await super().reload_weights(base, weights_path, timeout)
+        self._reloaded.add(base)
+
+    async def set_weight_version(self, base: str, version: int, timeout: float) -> None:
+        replica = self._pool.get(base)
+        if replica is not None and replica.joining and base not in self._reloaded:
+            log.info(
+                "not setting version %d on joining replica %s: not reloaded here", version, base
+            )
+            return
+        await super().set_weight_version(base, version, timeout)
+
+
+def serves_version(reported: str, current: int, base: int) -> bool | None:
+    """Whether a replica reporting ``reported`` serves version ``current``; None when its
+    answer says nothing. vLLM reports "default" until someone sets a version: the weights
+    it started with, which are current only while this proxy is at its starting version."""
+    if reported.lstrip("-").isdigit():
+        return int(reported) >= current
+    if reported == "default":
+        return current == base
+    return None
+
+
 class ProxyServer:
     """Start with :meth:`start`, stop with :meth:`stop`; ports are known after start."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = ProxyMetrics()
-        self.pool = ReplicaPool(config.upstreams)
+        # Following a replica list, every replica must first show it serves the current
+        # weights; without one, the given upstreams are trusted from the start.
+        self.pool = ReplicaPool(config.upstreams, joining=config.replicas_file is not None)
+        self._replicas_text: str | None = None
         self.port = config.port
         self.admin_port = config.admin_port
         self.grpc_port = config.grpc_port
@@ -56,7 +110,7 @@ class ProxyServer:
         )
         self.rollout = RolloutManager(
             self.pool,
-            VllmControl(self._session),
+            PoolControl(self._session, self.pool),
             self.metrics,
             policy=cfg.admission,
             weight_version=cfg.weight_version,
@@ -93,7 +147,8 @@ class ProxyServer:
         add_services(self._grpc, self.rollout, self.trajectories, self.metrics)
         self.grpc_port = self._grpc.add_insecure_port(f"{service_host}:{cfg.grpc_port}")
         await self._grpc.start()
-        await self._adopt_replica_version()
+        self._follow_replicas_file()
+        await self._check_replicas()
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="trieflow-health"),
             asyncio.create_task(self._housekeeping_loop(), name="trieflow-housekeeping"),
@@ -157,36 +212,110 @@ class ProxyServer:
         self.metrics.trajectories.labels("ready").set(t.undelivered_count)
         self.metrics.trajectories.labels("delivered").set(t.ready_count - t.undelivered_count)
         self.metrics.wal_bytes.set(t.wal.size)
-        for replica in self.pool:
+        for replica in self.pool.listed():
             self.metrics.replica_healthy.labels(replica.url).set(int(replica.usable))
 
     async def _health_loop(self) -> None:
-        """Brings failed replicas back once their /health answers again."""
-        control = self.rollout.control
+        """Follows the replica list, brings failed replicas back, admits joining ones."""
         while True:
             await asyncio.sleep(self.config.health_interval)
-            for replica in self.pool:
-                if not replica.healthy and await control.healthy(replica.url, timeout=2.0):
-                    self.pool.mark_healthy(replica)
-            await self._adopt_replica_version()
+            self._follow_replicas_file()
+            await self._check_replicas()
             self._refresh_gauges()
 
-    async def _adopt_replica_version(self) -> None:
-        """Follows a version set on the replicas by someone else (a sibling proxy, the
-        trainer). vLLM starts at "default", which is not a number and is ignored."""
+    def _follow_replicas_file(self) -> None:
+        """Takes the replica list from ``replicas_file`` when its text changed. Not during a
+        weight update, which must act on the replicas it paused (the next tick will)."""
+        path = self.config.replicas_file
+        if path is None or self.rollout.paused:
+            return
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            if self._replicas_text is None:
+                log.warning(
+                    "cannot read the replica list %s (keeping %s): %s",
+                    path,
+                    list(self.pool.replicas),
+                    exc,
+                )
+                self._replicas_text = ""
+            return
+        if text == self._replicas_text:
+            return
+        self._replicas_text = text
+        try:
+            urls = replica_urls(text)
+        except ValueError as exc:
+            log.warning("ignoring the replica list in %s: %s", path, exc)
+            return
+        added, removed = self.pool.set_urls(urls)
+        for url in removed:
+            with contextlib.suppress(KeyError):
+                self.metrics.replica_healthy.remove(url)
+        if added or removed:
+            log.info("replica list from %s: added %s, removed %s", path, added, removed)
+
+    async def _check_replicas(self) -> None:
+        """Brings failed replicas back once their /health answers (as joining: they may
+        have restarted with the base weights), then checks versions (`_check_versions`).
+        Skipped during a weight update: versions are in flux, and the update must see the
+        same replicas from its pause to its resume."""
         if self.rollout.paused:
             return
-        versions = []
-        for replica in self.pool:
-            if not replica.usable:
-                continue
-            with contextlib.suppress(ControlError):
-                text = await self.rollout.control.weight_version(replica.url, timeout=2.0)
-                if text.lstrip("-").isdigit():
-                    versions.append(int(text))
-        if versions and max(versions) > self.rollout.weight_version and not self.rollout.paused:
+        control = self.rollout.control
+        down = [r for r in self.pool.listed() if not r.healthy]
+        answers = await asyncio.gather(*(control.healthy(r.url, timeout=2.0) for r in down))
+        if self.rollout.paused:
+            return  # an update began meanwhile: it acts on the replicas it paused
+        for replica, up in zip(down, answers, strict=True):
+            if up and self.pool.get(replica.url) is replica:
+                replica.joining = True
+                self.pool.mark_healthy(replica)
+        await self._check_versions()
+
+    async def _check_versions(self) -> None:
+        """Follows a version set on the replicas by someone else (a sibling proxy, the
+        trainer), admits joining replicas that serve the current version and holds back
+        any that does not (restarted from the base model, or missed an update)."""
+        rollout = self.rollout
+        asked = [r for r in self.pool.listed() if r.healthy]
+
+        async def reported(replica: Replica) -> str | None:
+            try:
+                return await rollout.control.weight_version(replica.url, timeout=2.0)
+            except ControlError:
+                return None
+
+        texts = await asyncio.gather(*(reported(r) for r in asked))
+        if rollout.paused:
+            return  # an update began meanwhile: what was read may be stale already
+        versions = [
+            int(t)
+            for r, t in zip(asked, texts, strict=True)
+            if t is not None and t.lstrip("-").isdigit() and not r.quarantined
+        ]
+        if versions and max(versions) > rollout.weight_version:
             log.info("replicas serve weight version %d; adopting it", max(versions))
-            self.rollout.adopt_version(max(versions))
+            rollout.adopt_version(max(versions))
+        current = rollout.weight_version
+        for replica, text in zip(asked, texts, strict=True):
+            serves = None if text is None else serves_version(text, current, rollout.base_version)
+            if serves is None or self.pool.get(replica.url) is not replica:
+                continue
+            if replica.joining and serves:
+                replica.joining = False
+                log.info(
+                    "replica %s serves weight version %d; it takes agents", replica.url, current
+                )
+            elif not replica.joining and not serves:
+                replica.joining = True
+                log.warning(
+                    "replica %s reports weight version %s, not %d; no agents until it does",
+                    replica.url,
+                    text,
+                    current,
+                )
 
     async def _housekeeping_loop(self) -> None:
         """Closes episodes nobody finished, so their trees still reach the trainer."""
