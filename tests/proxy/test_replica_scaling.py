@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -383,6 +384,39 @@ def test_without_a_replicas_file_an_unreachable_upstream_is_still_tried(tmp_path
             assert replica is not None
             assert replica.usable
             assert len(server.pool.candidates("s")) == 2
+        finally:
+            await server.stop()
+            for runner in runners:
+                await runner.cleanup()
+
+    run(scenario)
+
+
+def test_agents_are_told_to_retry_while_every_replica_is_joining(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        (replica,), runners = await start_fakes(1)
+        replica.version = "3"  # behind the job's version 7 (it missed updates)
+        listing = tmp_path / "runtime.yaml"
+        listing.write_text(runtime_yaml([replica.url]))
+        config = replace(
+            proxy_config(tmp_path, [replica.url], listing), weight_version=7, allow_unrecorded=True
+        )
+        server = ProxyServer(config)
+        await server.start()
+        try:
+            joining = server.pool.get(replica.url)
+            assert joining is not None
+            assert joining.joining
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, json=body) as answer,
+            ):
+                error = (await answer.json())["error"]
+            assert answer.status == 503
+            assert error["type"] == "upstream_unavailable"
+            assert "serves the current weight version" in error["message"]
         finally:
             await server.stop()
             for runner in runners:

@@ -482,6 +482,12 @@ class AgentProxy:
             self.pool.mark_failed(replica, errors[-1])
             self.metrics.replica_healthy.labels(replica.url).set(0)
             self.metrics.failovers.inc()
+        if not errors:  # every listed replica is still joining (or none is listed)
+            raise ProxyError(
+                503,
+                "no rollout replica serves the current weight version yet; retry shortly",
+                "upstream_unavailable",
+            )
         raise ProxyError(
             502, "no upstream replica reachable: " + "; ".join(errors), "upstream_error"
         )
